@@ -1,0 +1,42 @@
+"""peftcompile: parameter-efficient fine-tuning as a compiler problem.
+
+``adapt`` rewrites a model's linear sites with fx into ``base(x) + delta(x)``;
+``torch.compile(model, backend="peftcompile")`` lowers the deltas to fused kernels.
+"""
+
+from .methods import GraLoRA, LoRA, RaSA
+from .spec import AdapterSpec, Placement
+from .api import (
+    AdapterError,
+    adapt,
+    adapters_of,
+    disabled,
+    merge,
+    merge_and_unload,
+    set_active,
+    summary,
+    unmerge,
+)
+from .io import load_adapters, load_peft_adapter, save_adapters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRA",
+    "GraLoRA",
+    "RaSA",
+    "AdapterSpec",
+    "Placement",
+    "AdapterError",
+    "adapt",
+    "adapters_of",
+    "disabled",
+    "merge",
+    "merge_and_unload",
+    "set_active",
+    "summary",
+    "unmerge",
+    "save_adapters",
+    "load_adapters",
+    "load_peft_adapter",
+]

@@ -1,0 +1,107 @@
+"""RaSA reference math (arXiv 2503.12576; zwhe99/RaSA conventions).
+
+Sites of one module type across L repeated blocks share A_S [L*k, in] and B_S [out, L*k].
+Each site keeps private A_l [r-k, in], B_l [out, r-k] and a trainable diagonal D_l of
+length e = (r-k) + L*k:  delta_l(x) = ((x @ [A_l; A_S].T) * D_l) @ [B_l, B_S].T, scaling 1.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .registry import Method, MethodConfig, Params, kaiming_, register_method
+
+__all__ = ["RaSA", "rasa_delta", "rasa_delta_weight", "rasa_group_key"]
+
+
+@dataclass(frozen=True)
+class RaSA(MethodConfig):
+    """Rank-sharing LoRA: rank r per site, k of it pooled across the L layers of a group."""
+
+    r: int = field(default=8, metadata={"help": "rank per site (private r-k plus shared k)"})
+    k: int = field(default=1, metadata={"help": "rank each site contributes to the shared pool"})
+    alpha: float = field(default=16.0, metadata={"help": "sets D's init: 0.5*alpha/(r-k), 0.5*alpha/(L*k)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"RaSA: r must be a positive int, got {self.r!r}")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"RaSA: k must be an int >= 1, got {self.k!r}")
+        if self.k >= self.r:
+            raise ValueError(f"RaSA: k={self.k} must be smaller than r={self.r} (typically r/8)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"RaSA: dropout must be in [0, 1), got {self.dropout!r}")
+
+    def effective_rank(self, n_layers: int) -> int:
+        return self.r - self.k + n_layers * self.k
+
+
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
+
+
+def rasa_group_key(site: str) -> str:
+    """Site name with every ModuleList index replaced by ``*``: ``layers.3.q`` -> ``layers.*.q``."""
+    return _INDEX.sub("*", site)
+
+
+def _shapes(cfg: RaSA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple[int, ...]]:
+    p = cfg.r - cfg.k
+    return {"rasa_A": (p, in_f), "rasa_B": (out_f, p), "rasa_D": (p + n * cfg.k,)}
+
+
+def _init(cfg: RaSA, p: Params, n: int = 1) -> None:
+    kaiming_(p["rasa_A"])
+    torch.nn.init.zeros_(p["rasa_B"])
+    priv = cfg.r - cfg.k
+    with torch.no_grad():
+        p["rasa_D"][:priv].fill_(0.5 * cfg.alpha / priv)
+        p["rasa_D"][priv:].fill_(0.5 * cfg.alpha / (n * cfg.k))
+
+
+def _shared_shapes(cfg: RaSA, in_f: int, out_f: int, n: int) -> dict[str, tuple[int, ...]]:
+    return {"rasa_A_shared": (n * cfg.k, in_f), "rasa_B_shared": (out_f, n * cfg.k)}
+
+
+def _shared_init(cfg: RaSA, p: Params, n: int) -> None:
+    kaiming_(p["rasa_A_shared"])
+    torch.nn.init.zeros_(p["rasa_B_shared"])
+
+
+def _full(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    A = torch.cat([p["rasa_A"], p["rasa_A_shared"]], 0)  # [e, in]
+    B = torch.cat([p["rasa_B"], p["rasa_B_shared"]], 1)  # [out, e]
+    return A, B
+
+
+def rasa_delta(x: torch.Tensor, p: Params, cfg: RaSA) -> torch.Tensor:
+    A, B = _full(p)
+    return ((x @ A.t()) * p["rasa_D"]) @ B.t()
+
+
+def rasa_delta_weight(p: Params, cfg: RaSA) -> torch.Tensor:
+    A, B = _full(p)
+    return (B * p["rasa_D"]) @ A  # [out, e] diag(D) [e, in]
+
+
+def _check(cfg: RaSA, in_f: int, out_f: int) -> str | None:
+    return None
+
+
+register_method(
+    Method(
+        name="rasa",
+        config_cls=RaSA,
+        shapes=_shapes,
+        init=_init,
+        delta=rasa_delta,
+        delta_weight=rasa_delta_weight,
+        check_site=_check,
+        group_key=rasa_group_key,
+        shared_shapes=_shared_shapes,
+        shared_init=_shared_init,
+    )
+)

@@ -1,0 +1,1 @@
+"""fx passes: capture -> match -> (place) -> rewrite."""

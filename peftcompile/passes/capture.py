@@ -1,0 +1,134 @@
+"""Capture: trace a model into fx graphs at the largest granularity that is safe.
+
+Why not one whole-model trace: every HF ``*Model``/decoder layer/attention module
+fails ``symbolic_trace`` (decorated forwards, Proxy unpacking), and tracing an owner
+module freezes ``self.training``, optional-arg ``None`` checks and the attention
+implementation into the graph (see shared/design.md). So:
+
+* plain modules (no ``transformers`` class anywhere below them) are traced whole, and
+  only kept when the train-mode and eval-mode traces are identical;
+* everything else falls back to its children, down to the linear sites themselves,
+  which are traced one by one (``nn.Linear`` / HF ``Conv1D``).
+
+Each traced region is a :class:`Unit`; the rewrite binds the regenerated forward to
+the same module instance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["Unit", "Capture", "capture", "is_site_module", "site_kind", "Tracer"]
+
+try:  # HF GPT-2 and friends: a linear layer with W stored as [in, out]
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except Exception:  # pragma: no cover - transformers is a dependency, but stay importable
+    _HFConv1D = None
+
+# Ordered dispatch: first match wins. (class, kind)
+_SITE_KINDS: list[tuple[type, str]] = [(nn.Linear, "linear")]
+if _HFConv1D is not None:
+    _SITE_KINDS.append((_HFConv1D, "conv1d"))
+
+
+def site_kind(m: nn.Module) -> str | None:
+    """'linear' / 'conv1d' when ``m`` is a linear site module, else None."""
+    for cls, kind in _SITE_KINDS:
+        if isinstance(m, cls):
+            return kind
+    return None
+
+
+def is_site_module(m: nn.Module) -> bool:
+    return site_kind(m) is not None
+
+
+def site_features(m: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a site module."""
+    w = m.weight
+    return (w.shape[0], w.shape[1]) if site_kind(m) == "conv1d" else (w.shape[1], w.shape[0])
+
+
+class Tracer(fx.Tracer):
+    """fx tracer that keeps linear sites (incl. Conv1D) as call_module leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_site_module(m) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class Unit:
+    """A module whose (class) forward was traced into ``graph``; ``path`` is its qualified name."""
+
+    path: str
+    module: nn.Module
+    graph: fx.Graph
+    is_site: bool  # the unit is one linear site traced on its own
+
+
+@dataclass
+class Capture:
+    units: list[Unit]
+    failures: dict[str, str] = field(default_factory=dict)  # module path -> why it was not traced whole
+
+
+def _is_hf(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("transformers.")
+
+
+def _has_sites(m: nn.Module) -> bool:
+    if any(is_site_module(x) for x in m.modules()):
+        return True
+    return any(p.dim() == 2 for p in m.parameters())  # F.linear candidates
+
+
+def trace(m: nn.Module) -> fx.Graph:
+    """Trace the class forward of ``m`` (not an instance forward bound by a rewrite)."""
+    return Tracer().trace(m)
+
+
+def _trace_both_modes(m: nn.Module) -> fx.Graph:
+    """Trace in train and eval mode; refuse graphs that froze ``self.training``."""
+    was = [(x, x.training) for x in m.modules()]
+    try:
+        m.train(True)
+        g_train = trace(m)
+        m.train(False)
+        g_eval = trace(m)
+    finally:
+        for x, t in was:
+            x.training = t
+    if g_train.python_code("self").src != g_eval.python_code("self").src:
+        raise RuntimeError("its traced graph depends on train/eval mode (self.training was frozen)")
+    return g_eval
+
+
+def capture(model: nn.Module) -> Capture:
+    """Find the traceable units of ``model``; does not modify it."""
+    units: list[Unit] = []
+    failures: dict[str, str] = {}
+
+    def visit(path: str, m: nn.Module) -> None:
+        if is_site_module(m):
+            units.append(Unit(path, m, trace(m), True))
+            return
+        if not _has_sites(m):
+            return
+        if any(_is_hf(x) for x in m.modules()):
+            reason = "HF modules are captured per linear site (their forwards do not trace safely)"
+        else:
+            try:
+                units.append(Unit(path, m, _trace_both_modes(m), False))
+                return
+            except Exception as e:  # fx raises many types; the message is what matters
+                reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        failures[path] = reason
+        for name, child in m.named_children():
+            visit(f"{path}.{name}" if path else name, child)
+
+    visit("", model)
+    return Capture(units, failures)

@@ -1,0 +1,115 @@
+"""Match: find the linear sites in captured graphs.
+
+A site is a node computing ``x @ W.T + b`` with a parameter W of the model:
+* ``call_module`` to an ``nn.Linear`` or HF ``Conv1D`` inside a whole-module graph;
+* ``call_function`` to ``F.linear`` whose weight is a ``get_attr`` parameter;
+* a unit that is itself a linear module traced on its own (its output is the site).
+Matchers are tried in order; the first that accepts a node wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import Capture, Unit, site_features, site_kind
+
+__all__ = ["Site", "match", "HOST_ATTR"]
+
+HOST_ATTR = "peftcompile"
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+@dataclass
+class Site:
+    """One linear site: where it is computed (unit, node) and where its adapters live (host)."""
+
+    name: str  # qualified name, as summary() prints it
+    kind: str  # 'linear' | 'conv1d' | 'functional'
+    in_features: int
+    out_features: int
+    unit: Unit
+    node: str  # name of the node producing the base output in unit.graph
+    x_node: str  # name of the node holding the site input
+    host_path: str  # qualified name of the module that owns W (and gets the adapters)
+    weight_attr: str  # W's attribute name on the host
+    host_attr: str  # attribute under which SiteAdapters hang on the host
+
+    @property
+    def host_rel(self) -> str:
+        """Host path relative to the unit (what the graph's get_attr/call_module uses)."""
+        rel = self.host_path[len(self.unit.path):].lstrip(".") if self.unit.path else self.host_path
+        return rel
+
+    def weight(self, model: nn.Module):
+        return getattr(model.get_submodule(self.host_path), self.weight_attr)
+
+
+Matcher = Callable[[Unit, fx.Node], "Site | None"]
+
+
+def _match_call_module(unit: Unit, node: fx.Node) -> Site | None:
+    if node.op != "call_module":
+        return None
+    m = unit.module.get_submodule(node.target)
+    kind = site_kind(m)
+    if kind is None:
+        return None
+    in_f, out_f = site_features(m)
+    path = _join(unit.path, node.target)
+    return Site(path, kind, in_f, out_f, unit, node.name, node.args[0].name, path, "weight", HOST_ATTR)
+
+
+_LINEAR_FNS = {F.linear, getattr(F.linear, "__wrapped__", F.linear)}
+
+
+def _match_functional(unit: Unit, node: fx.Node) -> Site | None:
+    if node.op != "call_function" or node.target not in _LINEAR_FNS:
+        return None
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return None
+    owner_rel, _, attr = w.target.rpartition(".")
+    owner = unit.module.get_submodule(owner_rel)
+    p = getattr(owner, attr)
+    if not isinstance(p, nn.Parameter) or p.dim() != 2:
+        return None
+    host = _join(unit.path, owner_rel)
+    name = host if attr == "weight" and host else _join(host, attr)
+    host_attr = HOST_ATTR if attr == "weight" else f"{HOST_ATTR}_{attr}"
+    x = node.args[0] if node.args else node.kwargs["input"]
+    return Site(name, "functional", p.shape[1], p.shape[0], unit, node.name, x.name, host, attr, host_attr)
+
+
+_MATCHERS: list[Matcher] = [_match_call_module, _match_functional]
+
+
+def _site_unit(unit: Unit) -> Site:
+    g = unit.graph
+    x = next(n for n in g.nodes if n.op == "placeholder")
+    out = next(n for n in g.nodes if n.op == "output").args[0]
+    in_f, out_f = site_features(unit.module)
+    return Site(unit.path, site_kind(unit.module), in_f, out_f, unit, out.name, x.name, unit.path, "weight", HOST_ATTR)
+
+
+def match(cap: Capture) -> list[Site]:
+    """Every linear site in the captured units, in graph order (a site called twice appears twice)."""
+    sites: list[Site] = []
+    for unit in cap.units:
+        if unit.is_site:
+            sites.append(_site_unit(unit))
+            continue
+        for node in unit.graph.nodes:
+            for m in _MATCHERS:
+                s = m(unit, node)
+                if s is not None:
+                    sites.append(s)
+                    break
+    return sites

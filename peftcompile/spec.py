@@ -1,0 +1,126 @@
+"""AdapterSpec: which method, at which sites; and Placement, a decided set of sites."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+
+from .methods import MethodConfig, config_from_dict
+
+__all__ = ["AdapterSpec", "Placement", "Targets", "select_sites"]
+
+Targets = Union[str, Sequence[str]]
+ALL_LINEAR = "all-linear"
+
+
+def _norm(t: Targets | None) -> Targets | None:
+    if t is None or isinstance(t, str):
+        return t
+    return tuple(t)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What to adapt and how.
+
+    targets: a list of name suffixes (PEFT style: ``["q_proj", "v_proj"]`` matches
+    ``model.layers.0.self_attn.q_proj``), a regex string matched against the full site
+    name, or ``"all-linear"`` (every linear site except the model's output head).
+    exclude: same forms; removes sites from the selection.
+    """
+
+    method: MethodConfig
+    targets: Targets = ALL_LINEAR
+    exclude: Targets | None = None
+    placement: "Placement | None" = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, MethodConfig):
+            raise TypeError(
+                f"AdapterSpec.method must be a method config such as peftcompile.LoRA(r=8, alpha=16), "
+                f"got {type(self.method).__name__}"
+            )
+        object.__setattr__(self, "targets", _norm(self.targets))
+        object.__setattr__(self, "exclude", _norm(self.exclude))
+        for t in (self.targets, self.exclude):
+            if t is not None and not isinstance(t, (str, tuple)):
+                raise TypeError(f"targets/exclude must be a str or a list of str, got {t!r}")
+            if isinstance(t, str) and t != ALL_LINEAR:
+                try:
+                    re.compile(t)
+                except re.error as e:
+                    raise ValueError(f"target pattern {t!r} is not a valid regex: {e}") from None
+
+    def with_placement(self, placement: "Placement") -> "AdapterSpec":
+        """This spec restricted to a placement's kept sites (warm-started from its weights)."""
+        return AdapterSpec(self.method, tuple(placement.sites), None, placement)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method.to_dict(), "targets": _json_targets(self.targets),
+                "exclude": _json_targets(self.exclude)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "AdapterSpec":
+        return cls(config_from_dict(d["method"]), d.get("targets", ALL_LINEAR), d.get("exclude"))
+
+
+def _json_targets(t: Targets | None):
+    return list(t) if isinstance(t, tuple) else t
+
+
+def _matches(name: str, t: Targets) -> bool:
+    if isinstance(t, str):
+        return re.fullmatch(t, name) is not None
+    for pat in t:
+        if name == pat or name.endswith("." + pat):
+            return True
+        if any(c in pat for c in "*?[") and fnmatch.fnmatchcase(name, pat):
+            return True
+    return False
+
+
+def select_sites(names: Iterable[str], spec: AdapterSpec, head: set[str]) -> list[str]:
+    """The site names the spec chooses; ``head`` are excluded by ``"all-linear"``."""
+    out = []
+    for n in names:
+        if spec.targets == ALL_LINEAR:
+            if n in head:
+                continue
+        elif not _matches(n, spec.targets):
+            continue
+        if spec.exclude is not None and spec.exclude != ALL_LINEAR and _matches(n, spec.exclude):
+            continue
+        out.append(n)
+    return out
+
+
+@dataclass
+class Placement:
+    """A decided set of sites (e.g. by the DiffoRA search) that ``adapt`` accepts.
+
+    sites: kept site names; gates: every candidate site -> gate value;
+    weights: optional searched adapter tensors {site: {param: tensor}} to warm-start from;
+    shared: optional group tensors {group: {param: tensor}} (methods that share, e.g. RaSA).
+    """
+
+    sites: list[str]
+    gates: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    shared: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write sites and gates as JSON (weights go through save_adapters)."""
+        Path(path).write_text(json.dumps({"sites": list(self.sites), "gates": self.gates}, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Placement":
+        d = json.loads(Path(path).read_text())
+        if not isinstance(d, dict) or "sites" not in d:
+            raise ValueError(f"{path} is not a placement file (expected JSON with 'sites' and 'gates')")
+        return cls(list(d["sites"]), {k: float(v) for k, v in d.get("gates", {}).items()})
