@@ -1,0 +1,3 @@
+"""Fused adapter ops (torch.library) with reference math on every device and Triton on CUDA."""
+
+from . import ops  # noqa: F401  (registers torch.ops.peftcompile.*)
