@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VOCAB = 128
+from peftcompile.models import TINY_VOCAB as VOCAB, tiny_bert, tiny_gpt2, tiny_llama  # noqa: F401 (re-exported)
 
 
 class MLP(nn.Module):
@@ -38,34 +38,6 @@ class FunctionalMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.gelu(F.linear(x, self.w_in, self.b_in)), self.w_out)
-
-
-def tiny_llama(**kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-               pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg.update(kw)
-    return LlamaForCausalLM(LlamaConfig(**cfg))
-
-
-def tiny_gpt2(**kw):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-               bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg.update(kw)
-    return GPT2LMHeadModel(GPT2Config(**cfg))
-
-
-def tiny_bert(**kw):
-    from transformers import BertConfig, BertModel
-
-    cfg = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               intermediate_size=64, max_position_embeddings=64)
-    cfg.update(kw)
-    return BertModel(BertConfig(**cfg))
 
 
 HF_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
