@@ -1,0 +1,90 @@
+"""CUDA kernels of ``torch.ops.peftcompile.*``: the Triton launchers where they apply.
+
+Registered for the CUDA dispatch key only; every other device keeps the reference math of
+:mod:`peftcompile.kernels.ops`. The reference is also used on CUDA when Triton is missing,
+when dtypes are mixed or unsupported (the reference then raises or computes as torch does),
+for empty inputs, and under ``torch.use_deterministic_algorithms(True)`` (the Triton
+backward sums dB, dA and dD with fp32 atomics, whose order is not fixed).
+Triton is imported on the first CUDA call, not when peftcompile is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["lora_linear_cuda", "lora_linear_backward_cuda", "gralora_linear_cuda",
+           "gralora_linear_backward_cuda", "use_triton"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def use_triton(*tensors: Optional[Tensor]) -> bool:
+    """Whether the Triton path applies to these operands (first one is x or dy)."""
+    if not _HAS_TRITON or torch.are_deterministic_algorithms_enabled():
+        return False
+    x = tensors[0]
+    if x.dtype not in _FLOATS or x.numel() == 0:
+        return False
+    from .triton_gemm import interpreting  # triton is importable here
+
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype != x.dtype or t.device != x.device:
+            return False
+        if not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
+            return False
+    return True
+
+
+@torch.library.register_kernel("peftcompile::lora_linear", "cuda")
+def lora_linear_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                     D: Optional[Tensor], scaling: float) -> Tensor:
+    if not use_triton(x, weight, bias, A, B, D):
+        return ops.lora_linear_ref(x, weight, bias, A, B, D, scaling)
+    from .lora_triton import lora_linear_fwd_triton
+
+    return lora_linear_fwd_triton(x, weight, bias, A, B, D, scaling)
+
+
+@torch.library.register_kernel("peftcompile::lora_linear_backward", "cuda")
+def lora_linear_backward_cuda(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
+                              D: Optional[Tensor], scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if not use_triton(dy, x, weight, A, B, D):
+        dx, dA, dB, dD = ops._lora_bwd_ref(dy, x, weight, A, B, D, scaling)
+    else:
+        from .lora_triton import lora_linear_bwd_triton
+
+        dx, dA, dB, dD = lora_linear_bwd_triton(dy, x, weight, A, B, D, scaling)
+    return dx, dA, dB, (dD if dD is not None else A.new_empty(0))
+
+
+@torch.library.register_kernel("peftcompile::gralora_linear", "cuda")
+def gralora_linear_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                        A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float) -> Tensor:
+    if not use_triton(x, weight, bias, A, B, A_h, B_h):
+        return ops.gralora_linear_ref(x, weight, bias, A, B, A_h, B_h, k, scaling)
+    from .gralora_triton import gralora_linear_fwd_triton
+
+    return gralora_linear_fwd_triton(x, weight, bias, A, B, A_h, B_h, k, scaling)
+
+
+@torch.library.register_kernel("peftcompile::gralora_linear_backward", "cuda")
+def gralora_linear_backward_cuda(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
+                                 A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if not use_triton(dy, x, weight, A, B, A_h, B_h):
+        dx, dA, dB, dA_h, dB_h = ops._gralora_bwd_ref(dy, x, weight, A, B, A_h, B_h, k, scaling)
+    else:
+        from .gralora_triton import gralora_linear_bwd_triton
+
+        dx, dA, dB, dA_h, dB_h = gralora_linear_bwd_triton(dy, x, weight, A, B, A_h, B_h, k, scaling)
+    hyb = dA_h is not None
+    return dx, dA, dB, (dA_h if hyb else A.new_empty(0)), (dB_h if hyb else A.new_empty(0))

@@ -1,0 +1,267 @@
+"""Triton adapter kernels (peftcompile.kernels.{lora,gralora}_triton) on the CPU interpreter.
+
+Every launcher output (y, dx, dA, dB, dD, dA_h, dB_h) is compared with the reference math
+of peftcompile.kernels.ops: forward values with ``*_linear_ref`` and gradients with
+autograd through that reference, both in float64. Tolerances:
+  float32 kernels:        atol = rtol = 1e-4 against the float64 reference
+  float16 / bfloat16:     |err| <= tol * max|ref| + tol * |ref|, tol fp16 2e-3, bf16 1.6e-2
+                          (inputs rounded to the dtype first; the reference is exact)
+Under the interpreter bf16 dots run as bf16-rounded operands multiplied in fp32 (numpy
+has no bf16 matmul); the bf16 tensor-core instruction itself runs only on CUDA.
+Shapes stay tiny (the interpreter runs every program in Python).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to test")
+if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before triton is imported
+    pytest.skip("needs TRITON_INTERPRET=1 (set before importing triton) to run on CPU",
+                allow_module_level=True)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from peftcompile.kernels import ops, triton_cuda  # noqa: E402
+from peftcompile.kernels.gralora_triton import (  # noqa: E402
+    gralora_linear_bwd_triton,
+    gralora_linear_fwd_triton,
+)
+from peftcompile.kernels.lora_triton import lora_linear_bwd_triton, lora_linear_fwd_triton  # noqa: E402
+
+F64 = torch.float64
+LOW_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+HYP = settings(max_examples=6, deadline=None, derandomize=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# ---------------------------------------------------------------------------- helpers
+def _x(lead: tuple[int, ...], d_in: int, strided: bool, dtype) -> torch.Tensor:
+    """x [*lead, in]; ``strided`` gives a view with a non-unit feature stride."""
+    if strided:
+        return torch.randn(*lead, 2 * d_in, dtype=F64)[..., ::2].to(dtype)
+    return torch.randn(*lead, d_in, dtype=F64).to(dtype)
+
+
+def _weight(d_out: int, d_in: int, transposed: bool, dtype) -> torch.Tensor:
+    """W [out, in]; ``transposed`` reads it as the .t() view of a Conv1D-style [in, out] store."""
+    if transposed:
+        return (torch.randn(d_in, d_out, dtype=F64) / d_in**0.5).to(dtype).t()
+    return (torch.randn(d_out, d_in, dtype=F64) / d_in**0.5).to(dtype)
+
+
+def _check(name: str, got: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert got.dtype == dtype, f"{name}: dtype {got.dtype} != {dtype}"
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.to(F64), ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    else:
+        tol = LOW_TOL[dtype]
+        torch.testing.assert_close(got.to(F64), ref, atol=tol * max(ref.abs().max().item(), 1e-3), rtol=tol,
+                                   msg=lambda m: f"{name} ({dtype}): {m}")
+
+
+def _autograd(fn, tensors: dict[str, torch.Tensor], dy: torch.Tensor, args: tuple):
+    """y and d(y . dy)/d(tensor) of the float64 reference, for every tensor in ``tensors``."""
+    leaves = {n: (t.detach().to(F64).requires_grad_(n not in ("weight", "bias")) if t is not None else None)
+              for n, t in tensors.items()}
+    y = fn(*leaves.values(), *args)
+    grads = torch.autograd.grad(y, [t for n, t in leaves.items() if t is not None and t.requires_grad],
+                                dy.to(F64))
+    names = [n for n, t in leaves.items() if t is not None and t.requires_grad]
+    return y.detach(), dict(zip(names, grads))
+
+
+def run_lora(lead, d_in, d_out, r, *, use_d, bias, transposed, strided=False, dtype=torch.float32,
+             scaling=0.75, config=None):
+    x = _x(lead, d_in, strided, dtype)
+    W = _weight(d_out, d_in, transposed, dtype)
+    b = torch.randn(d_out, dtype=F64).to(dtype) if bias else None
+    A = (torch.randn(r, d_in, dtype=F64) / d_in**0.5).to(dtype)
+    B = (torch.randn(d_out, r, dtype=F64) / r**0.5).to(dtype)
+    D = (torch.rand(r, dtype=F64) + 0.5).to(dtype) if use_d else None
+    dy = torch.randn(*lead, d_out, dtype=F64).to(dtype)
+
+    y = lora_linear_fwd_triton(x, W, b, A, B, D, scaling, config=config)
+    dx, dA, dB, dD = lora_linear_bwd_triton(dy, x, W, A, B, D, scaling, config=config)
+    y_ref, g = _autograd(ops.lora_linear_ref, dict(x=x, weight=W, bias=b, A=A, B=B, D=D), dy, (scaling,))
+    _check("y", y, y_ref, dtype)
+    _check("dx", dx, g["x"], dtype)
+    _check("dA", dA, g["A"], dtype)
+    _check("dB", dB, g["B"], dtype)
+    if use_d:
+        _check("dD", dD, g["D"], dtype)
+    else:
+        assert dD is None
+
+
+def run_gralora(lead, d_in, d_out, r, k, h, *, bias, transposed, strided=False, dtype=torch.float32,
+                scaling=0.6, config=None):
+    x = _x(lead, d_in, strided, dtype)
+    W = _weight(d_out, d_in, transposed, dtype)
+    b = torch.randn(d_out, dtype=F64).to(dtype) if bias else None
+    A = (torch.randn(k, d_in // k, r, dtype=F64) / (d_in // k) ** 0.5).to(dtype)
+    B = (torch.randn(k, r, d_out // k, dtype=F64) / r**0.5).to(dtype)
+    A_h = (torch.randn(h, d_in, dtype=F64) / d_in**0.5).to(dtype) if h else None
+    B_h = (torch.randn(d_out, h, dtype=F64) / h**0.5).to(dtype) if h else None
+    dy = torch.randn(*lead, d_out, dtype=F64).to(dtype)
+
+    y = gralora_linear_fwd_triton(x, W, b, A, B, A_h, B_h, k, scaling, config=config)
+    dx, dA, dB, dA_h, dB_h = gralora_linear_bwd_triton(dy, x, W, A, B, A_h, B_h, k, scaling, config=config)
+    y_ref, g = _autograd(ops.gralora_linear_ref, dict(x=x, weight=W, bias=b, A=A, B=B, A_h=A_h, B_h=B_h),
+                         dy, (k, scaling))
+    _check("y", y, y_ref, dtype)
+    _check("dx", dx, g["x"], dtype)
+    _check("dA", dA, g["A"], dtype)
+    _check("dB", dB, g["B"], dtype)
+    if h:
+        _check("dA_h", dA_h, g["A_h"], dtype)
+        _check("dB_h", dB_h, g["B_h"], dtype)
+    else:
+        assert dA_h is None and dB_h is None
+
+
+# ---------------------------------------------------------------------------- fixed cases
+# (lead, in, out, r, D, bias, transposed weight, strided x): M = 37 and 2*19 are not
+# multiples of the interpreter's BLOCK_M = 32; in/out not multiples of BLOCK_K/N = 32.
+LORA_CASES = [
+    ((37,), 48, 40, 8, False, True, False, False),
+    ((2, 19), 40, 56, 16, True, False, True, False),  # RaSA-style D, Conv1D weight view
+    ((3,), 24, 64, 4, True, True, False, True),  # fewer tokens than one tile, strided x
+]
+
+
+@pytest.mark.parametrize("lead,d_in,d_out,r,use_d,bias,transposed,strided", LORA_CASES)
+def test_lora_fp32(lead, d_in, d_out, r, use_d, bias, transposed, strided):
+    run_lora(lead, d_in, d_out, r, use_d=use_d, bias=bias, transposed=transposed, strided=strided)
+
+
+# (lead, in, out, r, k, hybrid_r, bias, transposed, strided)
+GRALORA_CASES = [
+    ((37,), 48, 40, 8, 2, 0, True, False, False),
+    ((2, 17), 64, 32, 16, 4, 4, False, True, False),  # hybrid pair, Conv1D weight view
+    ((33,), 36, 60, 4, 1, 3, True, False, True),  # k = 1 (LoRA layout) + hybrid, strided x
+    ((5,), 64, 64, 16, 4, 0, True, True, True),
+]
+
+
+@pytest.mark.parametrize("lead,d_in,d_out,r,k,h,bias,transposed,strided", GRALORA_CASES)
+def test_gralora_fp32(lead, d_in, d_out, r, k, h, bias, transposed, strided):
+    run_gralora(lead, d_in, d_out, r, k, h, bias=bias, transposed=transposed, strided=strided)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_low_precision(dtype):
+    run_lora((2, 19), 48, 40, 8, use_d=True, bias=True, transposed=True, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gralora_low_precision(dtype):
+    run_gralora((37,), 64, 48, 8, 4, 4, bias=True, transposed=False, dtype=dtype)
+
+
+def test_block_sizes_and_split_k():
+    """Other tilings: 16-wide tiles (many tiles, K loops), split-K 3 and 1, dY pass BLOCK_N 16."""
+    small = {"main": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), "narrow": dict(BLOCK_M=16, BLOCK_K=16),
+             "splitk": dict(SPLIT_K=3), "dy": dict(BLOCK_M=16, BLOCK_N=16)}
+    run_gralora((21,), 48, 32, 8, 2, 2, bias=True, transposed=True, config=small)
+    run_lora((21,), 40, 24, 4, use_d=True, bias=False, transposed=False,
+             config={"splitk": dict(SPLIT_K=1, BLOCK_M=16, BLOCK_N=16)})
+
+
+# ---------------------------------------------------------------------------- properties
+@st.composite
+def _shapes(draw, ks=(1, 2, 4)):
+    k = draw(st.sampled_from(ks))
+    m = draw(st.integers(1, 40))
+    lead = (m,) if draw(st.booleans()) or m < 2 else (2, m // 2)
+    d_in = k * draw(st.integers(1, 64 // k))
+    d_out = k * draw(st.integers(1, 64 // k))
+    r = k * draw(st.integers(1, 16 // k))
+    return lead, d_in, d_out, r, k
+
+
+@HYP
+@given(shape=_shapes(ks=(1,)), use_d=st.booleans(), bias=st.booleans(), transposed=st.booleans(),
+       strided=st.booleans())
+def test_lora_property(shape, use_d, bias, transposed, strided):
+    lead, d_in, d_out, r, _ = shape
+    run_lora(lead, d_in, d_out, r, use_d=use_d, bias=bias, transposed=transposed, strided=strided)
+
+
+@HYP
+@given(shape=_shapes(), h=st.sampled_from([0, 0, 2, 5]), bias=st.booleans(), transposed=st.booleans(),
+       strided=st.booleans())
+def test_gralora_property(shape, h, bias, transposed, strided):
+    lead, d_in, d_out, r, k = shape
+    run_gralora(lead, d_in, d_out, r, k, h, bias=bias, transposed=transposed, strided=strided)
+
+
+# ---------------------------------------------------------------------------- edges, errors
+def test_no_tokens():
+    x, W = torch.randn(0, 8), torch.randn(12, 8)
+    A, B = torch.randn(2, 4, 4), torch.randn(2, 4, 6)
+    y = gralora_linear_fwd_triton(x, W, None, A, B, None, None, 2, 1.0)
+    dx, dA, dB, _, _ = gralora_linear_bwd_triton(torch.randn(0, 12), x, W, A, B, None, None, 2, 1.0)
+    assert y.shape == (0, 12) and dx.shape == (0, 8)
+    assert torch.equal(dA, torch.zeros_like(A)) and torch.equal(dB, torch.zeros_like(B))
+
+
+def test_bad_inputs_are_named():
+    x, W = torch.randn(4, 8), torch.randn(12, 8)
+    with pytest.raises(TypeError, match="A is torch.float64"):
+        lora_linear_fwd_triton(x, W, None, torch.randn(2, 8, dtype=F64), torch.randn(12, 2), None, 1.0)
+    with pytest.raises(ValueError, match="k=3 must divide"):
+        gralora_linear_fwd_triton(x, W, None, torch.randn(3, 2, 3), torch.randn(3, 3, 4), None, None, 3, 1.0)
+    with pytest.raises(ValueError, match=r"A \[r, in\] and B \[out, r\]"):
+        lora_linear_fwd_triton(x, W, None, torch.randn(2, 8), torch.randn(2, 12), None, 1.0)
+    with pytest.raises(TypeError, match="float64 is not supported"):
+        lora_linear_fwd_triton(x.double(), W.double(), None, torch.randn(2, 8).double(),
+                               torch.randn(12, 2).double(), None, 1.0)
+
+
+# ---------------------------------------------------------------------------- CUDA registration
+def test_cuda_kernels_registered():
+    for op in ("lora_linear", "lora_linear_backward", "gralora_linear", "gralora_linear_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"peftcompile::{op}", "CUDA"), op
+
+
+def test_cuda_entry_points_match_reference():
+    """The functions registered for CUDA, run on CPU tensors through the interpreter."""
+    x, W, b = torch.randn(2, 9, 16), torch.randn(24, 16).t().contiguous().t()[:, :16], torch.randn(24)
+    A, B, D = torch.randn(4, 16), torch.randn(24, 4), torch.rand(4)
+    dy = torch.randn(2, 9, 24)
+    assert triton_cuda.use_triton(x, W, b, A, B, D)
+    torch.testing.assert_close(triton_cuda.lora_linear_cuda(x, W, b, A, B, D, 0.5),
+                               ops.lora_linear_ref(x, W, b, A, B, D, 0.5), atol=1e-4, rtol=1e-4)
+    for got, ref in zip(triton_cuda.lora_linear_backward_cuda(dy, x, W, A, B, None, 0.5),
+                        ops.lora_linear_backward(dy, x, W, A, B, None, 0.5)):
+        assert got.shape == ref.shape  # dD: empty tensor when D is None
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    Ag, Bg, Ah, Bh = torch.randn(2, 8, 4), torch.randn(2, 4, 12), torch.randn(3, 16), torch.randn(24, 3)
+    torch.testing.assert_close(triton_cuda.gralora_linear_cuda(x, W, b, Ag, Bg, Ah, Bh, 2, 0.5),
+                               ops.gralora_linear_ref(x, W, b, Ag, Bg, Ah, Bh, 2, 0.5), atol=1e-4, rtol=1e-4)
+    for got, ref in zip(triton_cuda.gralora_linear_backward_cuda(dy, x, W, Ag, Bg, None, None, 2, 0.5),
+                        ops.gralora_linear_backward(dy, x, W, Ag, Bg, None, None, 2, 0.5)):
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_reference_fallbacks():
+    x, W = torch.randn(4, 8), torch.randn(6, 8)
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    assert not triton_cuda.use_triton(x, W, None, A.double(), B, None)  # mixed dtypes
+    assert not triton_cuda.use_triton(x[:0], W, None, A, B, None)  # no tokens
+    assert not triton_cuda.use_triton(x.double(), W.double(), None, A.double(), B.double(), None)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not triton_cuda.use_triton(x, W, None, A, B, None)  # atomics are not deterministic
+        torch.testing.assert_close(triton_cuda.lora_linear_cuda(x, W, None, A, B, None, 2.0),
+                                   ops.lora_linear_ref(x, W, None, A, B, None, 2.0))
+    finally:
+        torch.use_deterministic_algorithms(prev)
