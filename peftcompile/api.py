@@ -184,12 +184,14 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     if st is None:
         st = _State(requires_grad={k: p.requires_grad for k, p in model.named_parameters()})
         model.__dict__[STATE_ATTR] = st
+    fresh_units: set[str] = set()  # units whose graphs gain a site: only those are rewritten
     for n, s in first.items():
         host = model.get_submodule(s.host_path)
         cont = getattr(host, s.host_attr, None)
         if not isinstance(cont, SiteAdapters):
             cont = SiteAdapters(n, s.kind, s.weight_attr, s.in_features, s.out_features)
             host.add_module(s.host_attr, cont)
+            fresh_units |= {x.unit.path for x in by_name[n]}
         cont[name] = new[n]
     if shared:
         root = getattr(model, SHARED_ATTR, None)
@@ -197,7 +199,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
             root = nn.ModuleDict()
             model.add_module(SHARED_ATTR, root)
         root[name] = nn.ModuleDict({_key(k): v for k, v in shared.items()})
-    for unit_path in {by_name[n][0].unit.path for n in chosen} | _units_with_adapters(model, all_sites):
+    for unit_path in fresh_units:
         _rewrite(model, unit_path, all_sites)
         st.units.add(unit_path)
     st.specs[name] = spec
@@ -208,10 +210,6 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
 
 def _key(group: str) -> str:
     return group.replace(".", "__")
-
-
-def _units_with_adapters(model: nn.Module, sites: list[Site]) -> set[str]:
-    return {s.unit.path for s in sites if _container(model, s) is not None}
 
 
 def _container(model: nn.Module, s: Site) -> SiteAdapters | None:

@@ -264,3 +264,17 @@ def test_targets_forms():
     model = make("llama")
     pc.adapt(model, spec("lora", targets=["lm_head"]))
     assert names(model) == ["lm_head"]
+
+
+def test_second_adapter_on_new_sites_of_a_rewritten_graph():
+    """A plain module's whole graph is regenerated with both sites; the first adapter keeps working."""
+    model = make("mlp").eval()
+    b = batch("mlp")
+    pc.adapt(model, pc.AdapterSpec(pc.LoRA(r=2), targets=["fc1"]), name="a")
+    randomize_adapters_(model, seed=1)
+    ya = out(model, b).detach()
+    pc.adapt(model, pc.AdapterSpec(pc.LoRA(r=2), targets=["fc2"]), name="b")
+    assert "self.fc2.peftcompile(" in model.forward.src and "self.fc1.peftcompile(" in model.forward.src
+    pc.set_active(model, "a")
+    torch.testing.assert_close(out(model, b), ya, atol=0, rtol=0)
+    assert pc.summary(model).sites == {"a": ["fc1"], "b": ["fc2"]}
