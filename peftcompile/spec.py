@@ -114,13 +114,49 @@ class Placement:
     weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     shared: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
-    def save(self, path: str | Path) -> None:
-        """Write sites and gates as JSON (weights go through save_adapters)."""
-        Path(path).write_text(json.dumps({"sites": list(self.sites), "gates": self.gates}, indent=2))
+    def save(self, path: str | Path, *, weights: bool = True) -> None:
+        """Write sites and gates as JSON. With ``weights`` (default) and searched tensors
+        present, they go to a safetensors file next to it (``<path stem>.safetensors``,
+        named in the JSON) so ``load`` restores the warm start too."""
+        path = Path(path)
+        d: dict = {"sites": list(self.sites), "gates": self.gates}
+        if weights and (self.weights or self.shared):
+            from safetensors.torch import save_file
+
+            side = path.with_suffix(".safetensors")
+            if side == path:
+                raise ValueError(f"{path}: name the placement file *.json (weights go to {side.name})")
+            flat = {f"{_W}{s}.{p}": t for s, ts in self.weights.items() for p, t in ts.items()}
+            flat.update({f"{_S}{g}.{p}": t for g, ts in self.shared.items() for p, t in ts.items()})
+            save_file({k: t.detach().contiguous().cpu() for k, t in flat.items()}, str(side))
+            d["weights_file"] = side.name
+        path.write_text(json.dumps(d, indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "Placement":
-        d = json.loads(Path(path).read_text())
+        path = Path(path)
+        d = json.loads(path.read_text())
         if not isinstance(d, dict) or "sites" not in d:
             raise ValueError(f"{path} is not a placement file (expected JSON with 'sites' and 'gates')")
-        return cls(list(d["sites"]), {k: float(v) for k, v in d.get("gates", {}).items()})
+        p = cls(list(d["sites"]), {k: float(v) for k, v in d.get("gates", {}).items()})
+        if d.get("weights_file"):
+            from safetensors.torch import load_file
+
+            side = path.parent / d["weights_file"]
+            if not side.is_file():
+                raise FileNotFoundError(f"{path} names weights file {side}, which does not exist; copy it along")
+            for key, t in load_file(str(side)).items():
+                # params have no dots; site and group names do
+                (prefix, store) = (_W, p.weights) if key.startswith(_W) else (_S, p.shared)
+                owner, _, param = key[len(prefix):].rpartition(".")
+                store.setdefault(owner, {})[param] = t
+        return p
+
+    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
+        """PNG heatmap of the gate values (layers x module types), kept sites framed."""
+        from .diffora import plot_placement
+
+        return plot_placement(self, path, title=title)
+
+
+_W, _S = "weights.", "shared."
