@@ -163,8 +163,9 @@ def run_demo(cfg: DemoConfig, status: Callable[[str], None] = print) -> dict:
     method = pc.GraLoRA(r=cfg.rank, k=cfg.blocks, alpha=cfg.alpha)
     spec = pc.AdapterSpec(method, targets=r"encoder\..*")
     with timed("DiffoRA placement search"):
+        # warm-up on weights first: gates moving on still-zero deltas only pick up noise
         placement = search(model, spec, train, val, budget=cfg.budget, steps=cfg.search_steps, loss_fn=loss_fn,
-                           seed=cfg.seed, lr=cfg.lr, progress=cfg.progress)
+                           seed=cfg.seed, lr=cfg.lr, warmup=cfg.search_steps // 2, progress=cfg.progress)
         placement.save(out / "placement.json")
         plot_placement(placement, out / "gates.png", title="DiffoRA gates (GraLoRA), kept sites marked")
         res["placement"] = {"kept": len(placement.sites), "candidates": len(placement.gates),
