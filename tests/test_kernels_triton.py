@@ -35,7 +35,7 @@ from peftcompile.kernels.lora_triton import lora_linear_bwd_triton, lora_linear_
 
 F64 = torch.float64
 LOW_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-HYP = settings(max_examples=6, deadline=None, derandomize=True,
+HYP = settings(max_examples=10, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -173,6 +173,21 @@ def test_block_sizes_and_split_k():
              config={"splitk": dict(SPLIT_K=1, BLOCK_M=16, BLOCK_N=16)})
 
 
+def test_db_as_gemm():
+    """FUSE_DB off: dB and dB_h from split-K GEMMs instead of the dY pass's atomics."""
+    run_gralora((19,), 32, 48, 8, 2, 3, bias=True, transposed=True, config={"fuse_db": False})
+    run_lora((2, 9), 24, 40, 8, use_d=True, bias=False, transposed=False, config={"fuse_db": False})
+
+
+def test_rank_tiles():
+    """Ranks wider than one dY-pass tile (RaSA's e = (r-k) + L*k grows with the layer count)."""
+    # 16-wide rank tiles: 2 of them, the second must leave the hybrid pair alone
+    run_gralora((13,), 32, 16, 24, 2, 3, bias=False, transposed=False, config={"dy": dict(BLOCK_R=16)})
+    run_lora((9,), 16, 24, 40, use_d=True, bias=True, transposed=True, config={"dy": dict(BLOCK_R=16)})
+    # e = 260 > 256: Z = X A is tiled over N like the main GEMM, dY pass uses 3 tiles of 128
+    run_lora((5,), 16, 16, 260, use_d=True, bias=False, transposed=False)
+
+
 # ---------------------------------------------------------------------------- properties
 @st.composite
 def _shapes(draw, ks=(1, 2, 4)):
@@ -219,6 +234,8 @@ def test_bad_inputs_are_named():
         gralora_linear_fwd_triton(x, W, None, torch.randn(3, 2, 3), torch.randn(3, 3, 4), None, None, 3, 1.0)
     with pytest.raises(ValueError, match=r"A \[r, in\] and B \[out, r\]"):
         lora_linear_fwd_triton(x, W, None, torch.randn(2, 8), torch.randn(2, 12), None, 1.0)
+    with pytest.raises(ValueError, match=r"dy is \(4, 5\), expected \(4, 12\)"):
+        lora_linear_bwd_triton(torch.randn(4, 5), x, W, torch.randn(2, 8), torch.randn(12, 2), None, 1.0)
     with pytest.raises(TypeError, match="float64 is not supported"):
         lora_linear_fwd_triton(x.double(), W.double(), None, torch.randn(2, 8).double(),
                                torch.randn(12, 2).double(), None, 1.0)
@@ -257,6 +274,12 @@ def test_reference_fallbacks():
     assert not triton_cuda.use_triton(x, W, None, A.double(), B, None)  # mixed dtypes
     assert not triton_cuda.use_triton(x[:0], W, None, A, B, None)  # no tokens
     assert not triton_cuda.use_triton(x.double(), W.double(), None, A.double(), B.double(), None)
+    # a hybrid rank beyond the dY pass's accumulator: reference math, same results
+    Ag, Bg, Ah, Bh = torch.randn(2, 4, 2), torch.randn(2, 2, 3), torch.randn(130, 8), torch.randn(6, 130)
+    dy = torch.randn(4, 6)
+    for got, ref in zip(triton_cuda.gralora_linear_backward_cuda(dy, x, W, Ag, Bg, Ah, Bh, 2, 0.1),
+                        ops._gralora_bwd_ref(dy, x, W, Ag, Bg, Ah, Bh, 2, 0.1)):
+        torch.testing.assert_close(got, ref)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:

@@ -7,15 +7,18 @@ c = r / k, A_h [h, in], B_h [out, h].
 
     Z[:, j*r + i*c + t] = (X_i @ A3[i])[:, j*c + t] * D      (launch 1, grouped over i;
                                                              columns regrouped so that
-    Zh = X @ A_h^T                                            Z_j = Z[:, j*r:(j+1)*r])
+    Zh = X @ A_h^T       (launch 1b)                          Z_j = Z[:, j*r:(j+1)*r])
     Y_j = X @ W_j^T + s * Z_j @ B3[j] + s * Zh @ B_h[j]^T + b_j   (launch 2, grouped over j:
                                                              one GEMM, K = in + r + h)
-Backward (W frozen; Z recomputed because the op saves only its inputs):
-    dU_j = s dY_j B3[j]^T;  dB3[j] = s Z_j^T dY_j;  dD = sum_M dU*Z;  dZ_j = dU_j * D
+(launch 1 stores s * Z * D, so launch 2 reads it as is.)
+Backward (W frozen; Z recomputed (launch 1, 1b) because the op saves only its inputs):
+    dU_j = s dY_j B3[j]^T;  dB3[j] = s (Z_j*D)^T dY_j;  dD = sum_M dU*Z;  dZ_j = dU_j * D
     dZh = s sum_j dY_j B_h[j];  dB_h = s dY^T Zh                  (launch 2: dY side, fused)
     dX_i = dY W[:, i] + dZ_(i) A3[i]^T + dZh A_h[:, i]            (launch 3: K = out + r + h)
     dA3[i] = X_i^T dZ_(i);  dA_h = dZh^T X                        (launch 4(+5): split-K)
 dZ is written by launch 2 already regrouped by input block (dZ_(i) = dZ[:, i*r:(i+1)*r]).
+With FUSE_DB = False, dB3 and dB_h come from split-K GEMMs over dY instead of launch 2.
+Sums over tokens (dA, dB, dD, dZh) accumulate in fp32 buffers and are cast once.
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ from torch import Tensor
 from .triton_dy import dy_side
 from .triton_gemm import Seg, gemm
 
-__all__ = ["block_fwd", "block_bwd", "check_inputs"]
+__all__ = ["block_fwd", "block_bwd", "check_inputs", "FUSE_DB"]
+
+# dB (and dB_h) inside the dY pass (True, fp32 atomics) or as a split-K GEMM that reads dY
+# again (False). See triton_dy's docstring; flip after timing both on the target GPU.
+FUSE_DB = True
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,6 +48,10 @@ def check_inputs(op: str, x: Tensor, weight: Tensor, tensors: dict[str, Optional
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"peftcompile {op} (triton): x has {x.shape[-1]} features but weight is "
                          f"{tuple(weight.shape)} ([out, in])")
+    dy = tensors.get("dy")
+    if dy is not None and dy.shape != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(f"peftcompile {op} (triton): dy is {tuple(dy.shape)}, expected "
+                         f"{(*x.shape[:-1], weight.shape[0])} (x's leading dims, out)")
     for name, t in {"weight": weight, **tensors}.items():
         if t is None:
             continue
@@ -53,6 +64,26 @@ def _cfg(config: Optional[dict], kind: str) -> Optional[dict]:
     return (config or {}).get(kind)
 
 
+def _z(x: Tensor, A3: Tensor, A_h: Optional[Tensor], *, alpha: float, D: Optional[Tensor],
+       config: Optional[dict]) -> Tensor:
+    """[M, k*r + h]: alpha * Z * D regrouped by output block, then alpha * Zh (h columns)."""
+    M, IN = x.shape
+    k, in_b, r = A3.shape
+    h = A_h.shape[0] if A_h is not None else 0
+    zbuf = torch.empty(M, k * r + h, dtype=x.dtype, device=x.device)
+    xs = (x.stride(0), x.stride(1))
+    # Z_i = X_i @ A3[i]; column j*c + t of group i lands at j*r + i*c + t
+    gemm(zbuf, (zbuf.stride(0), 1), r // k, M, r, k,
+         [Seg(x, xs, in_b * x.stride(1), A3, (A3.stride(1), A3.stride(2)), A3.stride(0), in_b)],
+         dot_dtype=x.dtype, kind="narrow", colscale=D, alpha=alpha, chunk=r // k, chunk_stride=r,
+         config=_cfg(config, "narrow"))
+    if h:
+        zh = zbuf[:, k * r:]
+        gemm(zh, (zh.stride(0), 1), 0, M, h, 1, [Seg(x, xs, 0, A_h, (A_h.stride(1), A_h.stride(0)), 0, IN)],
+             dot_dtype=x.dtype, kind="narrow", alpha=alpha, config=_cfg(config, "narrow"))
+    return zbuf
+
+
 def block_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A3: Tensor, B3: Tensor, *,
               scaling: float, D: Optional[Tensor] = None, A_h: Optional[Tensor] = None,
               B_h: Optional[Tensor] = None, config: Optional[dict] = None) -> Tensor:
@@ -61,20 +92,10 @@ def block_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A3: Tensor, B3:
     OUT = weight.shape[0]
     k, in_b, r = A3.shape
     out_b = B3.shape[2]
-    c = r // k
     h = A_h.shape[0] if A_h is not None else 0
     dt = x.dtype
-    # Z (+ Zh in the trailing h columns), already scaled by s (and D): [M, k*r + h]
-    zbuf = torch.empty(M, k * r + h, dtype=dt, device=x.device)
-    gemm(zbuf, (zbuf.stride(0), 1), c, M, r, k,
-         [Seg(x, (x.stride(0), x.stride(1)), in_b * x.stride(1), A3, (A3.stride(1), A3.stride(2)), A3.stride(0), in_b)],
-         dot_dtype=dt, kind="narrow", colscale=D, alpha=scaling, chunk=c, chunk_stride=r,
-         config=_cfg(config, "narrow"))
+    zbuf = _z(x, A3, A_h, alpha=scaling, D=D, config=config)  # s * Z * D, s * Zh
     zh = zbuf[:, k * r:]
-    if h:
-        gemm(zh, (zh.stride(0), 1), 0, M, h, 1,
-             [Seg(x, (x.stride(0), x.stride(1)), 0, A_h, (A_h.stride(1), A_h.stride(0)), 0, IN)],
-             dot_dtype=dt, kind="narrow", alpha=scaling, config=_cfg(config, "narrow"))
     # Y_j = [X, Z_j, Zh] @ [W_j^T; B3[j]; B_h[j]^T] + b_j  (one GEMM, K = in + r + h)
     y = torch.empty(M, OUT, dtype=dt, device=x.device)
     segs = [Seg(x, (x.stride(0), x.stride(1)), 0, weight, (weight.stride(1), weight.stride(0)),
@@ -92,7 +113,10 @@ def block_bwd(dy: Tensor, x: Tensor, weight: Tensor, A3: Tensor, B3: Tensor, dA3
               scaling: float, D: Optional[Tensor] = None, dD: Optional[Tensor] = None,
               A_h: Optional[Tensor] = None, B_h: Optional[Tensor] = None, dA_h: Optional[Tensor] = None,
               dB_h: Optional[Tensor] = None, config: Optional[dict] = None) -> Tensor:
-    """dx [M, in]; accumulates dA3, dB3 (, dD, dA_h, dB_h) into the given zeroed fp32 buffers."""
+    """dx [M, in]; accumulates dA3, dB3 (, dD, dA_h, dB_h) into the given zeroed fp32 buffers.
+
+    ``config`` may hold per-kind interpreter block sizes and ``"fuse_db"`` (default FUSE_DB).
+    """
     M, IN = x.shape
     OUT = weight.shape[0]
     k, in_b, r = A3.shape
@@ -102,22 +126,25 @@ def block_bwd(dy: Tensor, x: Tensor, weight: Tensor, A3: Tensor, B3: Tensor, dA3
     dt = x.dtype
     dev = x.device
     # 1. raw Z (no s, no D) and Zh: the op saves only its inputs, so recompute (M x (k r + h))
-    zbuf = torch.empty(M, k * r + h, dtype=dt, device=dev)
-    gemm(zbuf, (zbuf.stride(0), 1), c, M, r, k,
-         [Seg(x, (x.stride(0), x.stride(1)), in_b * x.stride(1), A3, (A3.stride(1), A3.stride(2)), A3.stride(0), in_b)],
-         dot_dtype=dt, kind="narrow", chunk=c, chunk_stride=r, config=_cfg(config, "narrow"))
+    zbuf = _z(x, A3, A_h, alpha=1.0, D=None, config=config)
     zh = zbuf[:, k * r:]
-    if h:
-        gemm(zh, (zh.stride(0), 1), 0, M, h, 1,
-             [Seg(x, (x.stride(0), x.stride(1)), 0, A_h, (A_h.stride(1), A_h.stride(0)), 0, IN)],
-             dot_dtype=dt, kind="narrow", config=_cfg(config, "narrow"))
     # 2. dY side: dZ (regrouped by input block), dB, dD, dZh, dB_h from one read of dY
     dz = torch.empty(M, k * r, dtype=dt, device=dev)
     dzh = torch.zeros(M, h, dtype=torch.float32, device=dev) if h else None
+    fuse_db = (config or {}).get("fuse_db", FUSE_DB)
     dy_side(dy, zbuf, B3.transpose(1, 2)[0], B3.stride(0), dz, c,
             dB3, (dB3.stride(2), dB3.stride(1)), dB3.stride(0), G=k, N=out_b, R=r,
             chunk=c, chunk_stride=r, scale=scaling, z_goff=r, D=D, dd=dD,
-            zh=zh if h else None, bh=B_h, dzh=dzh, dbh=dB_h, config=_cfg(config, "dy"))
+            zh=zh if h else None, bh=B_h, dzh=dzh, dbh=dB_h, fuse_db=fuse_db, config=_cfg(config, "dy"))
+    if not fuse_db:
+        # dB3[j]^T [out_b, r] = s * dY_j^T (Z_j * D);  dB_h [out, h] = s * dY^T Zh  (K = tokens)
+        gemm(dB3, (dB3.stride(2), dB3.stride(1)), dB3.stride(0), out_b, r, k,
+             [Seg(dy, (dy.stride(1), dy.stride(0)), out_b * dy.stride(1), zbuf, (zbuf.stride(0), 1), r, M)],
+             dot_dtype=dt, kind="splitk", colscale=D, alpha=scaling, config=_cfg(config, "splitk"))
+        if h:
+            gemm(dB_h, (dB_h.stride(0), dB_h.stride(1)), 0, OUT, h, 1,
+                 [Seg(dy, (dy.stride(1), dy.stride(0)), 0, zh, (zh.stride(0), 1), 0, M)],
+                 dot_dtype=dt, kind="splitk", alpha=scaling, config=_cfg(config, "splitk"))
     # 3. dX_i = [dY, dZ_(i), dZh] @ [W[:, i]; A3[i]^T; A_h[:, i]]  (one GEMM, K = out + r + h)
     dx = torch.empty(M, IN, dtype=dt, device=dev)
     segs = [Seg(dy, (dy.stride(0), dy.stride(1)), 0, weight, (weight.stride(0), weight.stride(1)),

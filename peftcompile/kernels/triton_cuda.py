@@ -3,7 +3,8 @@
 Registered for the CUDA dispatch key only; every other device keeps the reference math of
 :mod:`peftcompile.kernels.ops`. The reference is also used on CUDA when Triton is missing,
 when dtypes are mixed or unsupported (the reference then raises or computes as torch does),
-for empty inputs, and under ``torch.use_deterministic_algorithms(True)`` (the Triton
+for empty inputs, for a GraLoRA hybrid rank above 128 in backward (its accumulator is not
+tiled), and under ``torch.use_deterministic_algorithms(True)`` (the Triton
 backward sums dB, dA and dD with fp32 atomics, whose order is not fixed).
 Triton is imported on the first CUDA call, not when peftcompile is imported.
 """
@@ -44,6 +45,12 @@ def use_triton(*tensors: Optional[Tensor]) -> bool:
     return True
 
 
+def _hybrid_fits(A_h: Optional[Tensor]) -> bool:
+    from .triton_dy import MAX_HYBRID
+
+    return A_h is None or A_h.shape[0] <= MAX_HYBRID
+
+
 @torch.library.register_kernel("peftcompile::lora_linear", "cuda")
 def lora_linear_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                      D: Optional[Tensor], scaling: float) -> Tensor:
@@ -80,7 +87,7 @@ def gralora_linear_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Te
 def gralora_linear_backward_cuda(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
                                  A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float
                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if not use_triton(dy, x, weight, A, B, A_h, B_h):
+    if not use_triton(dy, x, weight, A, B, A_h, B_h) or not _hybrid_fits(A_h):
         dx, dA, dB, dA_h, dB_h = ops._gralora_bwd_ref(dy, x, weight, A, B, A_h, B_h, k, scaling)
     else:
         from .gralora_triton import gralora_linear_bwd_triton

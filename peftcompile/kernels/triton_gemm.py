@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["Seg", "gemm", "interpreting", "dot_meta", "dummy"]
+__all__ = ["Seg", "gemm", "launch", "interpreting", "dot_meta", "dummy", "needs_int64"]
 
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -50,8 +50,9 @@ def dot_meta(dtype: torch.dtype) -> dict:
     m = torch.backends.cuda.matmul
     prec = getattr(m, "fp32_precision", "none")
     tf32 = prec == "tf32" or (prec == "none" and m.allow_tf32)
-    return dict(DOT=_TORCH_TO_TL[dtype], UPCAST=interpreting(),
-                PRECISION="tf32" if (tf32 and dtype == torch.float32 and not interpreting()) else "ieee")
+    exact_fp32 = dtype == torch.float32 and (interpreting() or not tf32)
+    # 16-bit dots keep Triton's default attribute ("tf32", ignored for them)
+    return dict(DOT=_TORCH_TO_TL[dtype], UPCAST=interpreting(), PRECISION="ieee" if exact_fp32 else "tf32")
 
 
 _DUMMIES: dict = {}
@@ -91,8 +92,9 @@ def _segment(acc, a_ptr, b_ptr, K, s_ak, s_bk, a_rows, b_cols, pid_k,
 def _gemm_kernel(
     # pointers: three (A, B) operand pairs, epilogue vectors, output
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, a3_ptr, b3_ptr, bias_ptr, colscale_ptr, c_ptr,
-    # dims (per group); K2, K3 only read when HAS_2 / HAS_3
-    M, N, K1, K2, K3,
+    # dims (per group); K2, K3 only read when HAS_2 / HAS_3; M_KEY, K_KEY: power-of-2
+    # buckets of M and K1, read by the autotune key only (a new token count does not re-tune)
+    M, N, K1, K2, K3, M_KEY, K_KEY,
     # strides (elements)
     s_a1m, s_a1k, s_b1k, s_b1n,
     s_a2m, s_a2k, s_b2k, s_b2n,
@@ -175,11 +177,12 @@ _MAIN_CONFIGS = [
     _cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 256, 64, 8, 3),
 ]
-# Narrow N (Z = X A, N = r <= 128 set by the launcher): X is read once per N tile, so
-# BLOCK_N covers all of r and only BLOCK_M varies, small enough to give every SM a tile.
+# Narrow N (Z = X A, N = r <= 256 set by the launcher): X is read once per N tile, so
+# BLOCK_N covers all of r and only BLOCK_M varies. BLOCK_M >= 64: a 4-warp warpgroup's
+# wgmma needs 64 rows (BLOCK_M 32 compiles to mma.sync, checked in test_kernels_sm90).
 _NARROW_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=w, num_stages=st)
-    for bm, bk, w, st in [(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4)]
+    for bm, bk, w, st in [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4)]
 ]
 # Tall K (dA = X^T dZ, K = tokens, output r x in): split K to fill 132 SMs, fp32 atomics.
 _SPLITK_CONFIGS = [
@@ -193,7 +196,7 @@ INTERPRET_CONFIGS = {
     "splitk": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, SPLIT_K=2),
 }
 
-_KEY = ["M", "N", "K1", "K2", "K3"]
+_KEY = ["M_KEY", "N", "K_KEY", "K2", "K3"]
 _TUNED = {
     "main": triton.autotune(_MAIN_CONFIGS, key=_KEY)(_gemm_kernel),
     "narrow": triton.autotune(_NARROW_CONFIGS, key=_KEY)(_gemm_kernel),
@@ -215,7 +218,8 @@ class Seg:
     K: int
 
 
-def _needs_int64(*tensors: Optional[Tensor]) -> bool:
+def needs_int64(*tensors: Optional[Tensor]) -> bool:
+    """Whether some element offset of these tensors exceeds int32 (then offsets use int64)."""
     lim = 2**31 - 1
     return any(t is not None and t.numel() > 0 and
                sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) + 1 > lim for t in tensors)
@@ -228,7 +232,7 @@ def gemm(out: Tensor, out_strides: tuple[int, int], out_goff: int, M: int, N: in
          config: Optional[dict] = None) -> None:
     """Launch C_g = alpha * (sum_t A_t,g @ B_t,g) * colscale + bias_g for g < G into ``out``.
 
-    kind "main": general tiles; "narrow": BLOCK_N = next_pow2(N) (N <= 256, e.g. Z = X A);
+    kind "main": general tiles; "narrow": BLOCK_N = next_pow2(N) (Z = X A; "main" if N > 256);
     "splitk": ``out`` must be fp32 and zeroed, partial sums are atomically added.
     ``config`` overrides the interpreter's fixed block sizes (tests use it).
     """
@@ -238,8 +242,8 @@ def gemm(out: Tensor, out_strides: tuple[int, int], out_goff: int, M: int, N: in
         raise ValueError(f"peftcompile triton gemm: 1 to 3 K segments, got {len(segs)}")
     if kind == "splitk" and out.dtype != torch.float32:
         raise ValueError("peftcompile triton gemm: split-K output must be a zeroed fp32 buffer")
-    if kind == "narrow" and N > 256:
-        raise ValueError(f"peftcompile triton gemm: narrow kind takes N <= 256, got {N}")
+    if kind == "narrow" and N > 256:  # a wide rank (RaSA's e): tile N like any GEMM
+        kind = "main"
     dev = out.device
     z = dummy(dev)
     ptrs, strides, goffs, Ks = [], [], [], []
@@ -257,25 +261,31 @@ def gemm(out: Tensor, out_strides: tuple[int, int], out_goff: int, M: int, N: in
             Ks.append(0)
     meta = dict(HAS_2=len(segs) > 1, HAS_3=len(segs) > 2, HAS_BIAS=bias is not None,
                 HAS_COLSCALE=colscale is not None, ATOMIC=kind == "splitk",
-                INT64=_needs_int64(out, *(s.a for s in segs), *(s.b for s in segs)),
+                INT64=needs_int64(out, *(s.a for s in segs), *(s.b for s in segs)),
                 **dot_meta(dot_dtype))
     if kind == "narrow":
         meta["BLOCK_N"] = max(16, triton.next_power_of_2(N))
     args = (*ptrs, bias if bias is not None else z, colscale if colscale is not None else z, out,
-            M, N, *Ks, *strides, *out_strides, *goffs, bias_goff, out_goff,
+            M, N, *Ks, triton.next_power_of_2(M), triton.next_power_of_2(Ks[0]),
+            *strides, *out_strides, *goffs, bias_goff, out_goff,
             chunk if chunk is not None else max(N, 1), chunk_stride, float(alpha))
 
     def grid(META):
         return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), G, META["SPLIT_K"])
 
-    if dev.type == "cpu" or interpreting():
+    fixed = dict(INTERPRET_CONFIGS[kind])
+    fixed.update(config or {})
+    if kind == "narrow":
+        fixed.pop("BLOCK_N", None)
+    launch(_gemm_kernel, _TUNED[kind], grid, args, meta, fixed, dev)
+
+
+def launch(kernel, tuned, grid, args: tuple, meta: dict, fixed: dict, device: torch.device) -> None:
+    """Run a kernel: the fixed config under the interpreter, the autotuned one on CUDA."""
+    if device.type == "cpu" or interpreting():
         if not interpreting():
             raise RuntimeError("peftcompile triton kernels got CPU tensors: set TRITON_INTERPRET=1 "
                                "before importing peftcompile.kernels to run them on the interpreter")
-        fixed = dict(INTERPRET_CONFIGS[kind])
-        fixed.update(config or {})
-        if kind == "narrow":
-            fixed.pop("BLOCK_N", None)
-        _gemm_kernel[grid](*args, **meta, **fixed)
+        kernel[grid](*args, **meta, **fixed)
     else:
-        _TUNED[kind][grid](*args, **meta)
+        tuned[grid](*args, **meta)
