@@ -41,7 +41,7 @@ HYP = settings(max_examples=10, deadline=None, derandomize=True,
 
 # ---------------------------------------------------------------------------- helpers
 def _x(lead: tuple[int, ...], d_in: int, strided: bool, dtype) -> torch.Tensor:
-    """x [*lead, in]; ``strided`` gives a view with a non-unit feature stride."""
+    """x (or dy) [*lead, d]; ``strided`` gives a view with a non-unit feature stride."""
     if strided:
         return torch.randn(*lead, 2 * d_in, dtype=F64)[..., ::2].to(dtype)
     return torch.randn(*lead, d_in, dtype=F64).to(dtype)
@@ -84,7 +84,7 @@ def run_lora(lead, d_in, d_out, r, *, use_d, bias, transposed, strided=False, dt
     A = (torch.randn(r, d_in, dtype=F64) / d_in**0.5).to(dtype)
     B = (torch.randn(d_out, r, dtype=F64) / r**0.5).to(dtype)
     D = (torch.rand(r, dtype=F64) + 0.5).to(dtype) if use_d else None
-    dy = torch.randn(*lead, d_out, dtype=F64).to(dtype)
+    dy = _x(lead, d_out, strided, dtype)
 
     y = lora_linear_fwd_triton(x, W, b, A, B, D, scaling, config=config)
     dx, dA, dB, dD = lora_linear_bwd_triton(dy, x, W, A, B, D, scaling, config=config)
@@ -108,7 +108,7 @@ def run_gralora(lead, d_in, d_out, r, k, h, *, bias, transposed, strided=False, 
     B = (torch.randn(k, r, d_out // k, dtype=F64) / r**0.5).to(dtype)
     A_h = (torch.randn(h, d_in, dtype=F64) / d_in**0.5).to(dtype) if h else None
     B_h = (torch.randn(d_out, h, dtype=F64) / h**0.5).to(dtype) if h else None
-    dy = torch.randn(*lead, d_out, dtype=F64).to(dtype)
+    dy = _x(lead, d_out, strided, dtype)
 
     y = gralora_linear_fwd_triton(x, W, b, A, B, A_h, B_h, k, scaling, config=config)
     dx, dA, dB, dA_h, dB_h = gralora_linear_bwd_triton(dy, x, W, A, B, A_h, B_h, k, scaling, config=config)
@@ -126,7 +126,7 @@ def run_gralora(lead, d_in, d_out, r, k, h, *, bias, transposed, strided=False, 
 
 
 # ---------------------------------------------------------------------------- fixed cases
-# (lead, in, out, r, D, bias, transposed weight, strided x): M = 37 and 2*19 are not
+# (lead, in, out, r, D, bias, transposed weight, strided x and dy): M = 37 and 2*19 are not
 # multiples of the interpreter's BLOCK_M = 32; in/out not multiples of BLOCK_K/N = 32.
 LORA_CASES = [
     ((37,), 48, 40, 8, False, True, False, False),
@@ -186,6 +186,46 @@ def test_rank_tiles():
     run_lora((9,), 16, 24, 40, use_d=True, bias=True, transposed=True, config={"dy": dict(BLOCK_R=16)})
     # e = 260 > 256: Z = X A is tiled over N like the main GEMM, dY pass uses 3 tiles of 128
     run_lora((5,), 16, 16, 260, use_d=True, bias=False, transposed=False)
+
+
+@pytest.fixture
+def autotuned_path(monkeypatch):
+    """Launch through the CUDA path's autotuners (every config benchmarked, twice each) with
+    a wall-clock timer standing in for the GPU benchmarker, which needs a driver."""
+    from peftcompile.kernels import triton_dy, triton_gemm
+
+    tuners = [*triton_gemm._TUNED.values(), triton_dy._TUNED]
+    calls = {"n": 0}
+
+    def bench(kernel_call, quantiles=None, **_):
+        import time
+
+        t0 = time.perf_counter()
+        kernel_call()
+        kernel_call()  # a second run: atomics would double without reset_to_zero
+        calls["n"] += 2
+        return [time.perf_counter() - t0] * (len(quantiles) if quantiles else 1)
+
+    for t in tuners:
+        t.__dict__["do_bench"] = bench  # shadows the cached_property (no driver on CPU)
+        t.cache.clear()
+    monkeypatch.setattr(triton_gemm, "launch",
+                        lambda kernel, tuned, grid, args, meta, fixed, device: tuned[grid](*args, **meta))
+    yield calls
+    for t in tuners:
+        t.__dict__.pop("do_bench", None)
+        t.cache.clear()
+
+
+def test_autotuned_configs(autotuned_path):
+    """Every CUDA autotune config (64/128-wide tiles, split-K 4..16) of every launch of a
+    GraLoRA + hybrid forward and backward gives the reference results; another token count
+    in the same power-of-2 bucket reuses the tuned configs instead of benchmarking again."""
+    run_gralora((20,), 32, 48, 8, 2, 3, bias=True, transposed=True)
+    benched = autotuned_path["n"]
+    assert benched >= 2 * 30, benched  # 2 calls x (4 narrow x 2 + 6 main x 2 + 5 dy + 6 split-K x 2)
+    run_gralora((29,), 32, 48, 8, 2, 3, bias=False, transposed=True)  # M 20 -> 29: bucket 32
+    assert autotuned_path["n"] == benched
 
 
 # ---------------------------------------------------------------------------- properties
@@ -249,7 +289,7 @@ def test_cuda_kernels_registered():
 
 def test_cuda_entry_points_match_reference():
     """The functions registered for CUDA, run on CPU tensors through the interpreter."""
-    x, W, b = torch.randn(2, 9, 16), torch.randn(24, 16).t().contiguous().t()[:, :16], torch.randn(24)
+    x, W, b = torch.randn(2, 9, 16), torch.randn(16, 24).t(), torch.randn(24)  # W: Conv1D-style view
     A, B, D = torch.randn(4, 16), torch.randn(24, 4), torch.rand(4)
     dy = torch.randn(2, 9, 24)
     assert triton_cuda.use_triton(x, W, b, A, B, D)

@@ -48,6 +48,9 @@ def check_inputs(op: str, x: Tensor, weight: Tensor, tensors: dict[str, Optional
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"peftcompile {op} (triton): x has {x.shape[-1]} features but weight is "
                          f"{tuple(weight.shape)} ([out, in])")
+    bias = tensors.get("bias")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"peftcompile {op} (triton): bias is {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     dy = tensors.get("dy")
     if dy is not None and dy.shape != (*x.shape[:-1], weight.shape[0]):
         raise ValueError(f"peftcompile {op} (triton): dy is {tuple(dy.shape)}, expected "
