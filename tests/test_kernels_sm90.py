@@ -7,8 +7,9 @@ ptxas, specialised the way Triton specialises a real launch (ints equal to 1 bec
 constants, multiples of 16 are marked divisible, pointers 16-byte aligned). Checked per
 kernel and autotune config: it compiles, its PTX issues ``wgmma`` (Hopper's warpgroup
 MMA; a plain ``mma.sync`` would be the slower path), loads are pipelined through shared
-memory (``cp.async``), shared memory fits an H100 block (227 KB) and nothing spills to
-local memory. Runs in a subprocess because the other tests import Triton in interpreter
+memory in 16-byte ``cp.async`` copies (strided views included), fp32 sums are relaxed
+``red`` reductions (no acq_rel fences), shared memory fits an H100 block (227 KB) and
+nothing spills to local memory. Runs in a subprocess because the other tests import Triton in interpreter
 mode. What this does not show: numerics or speed on a GPU.
 """
 
@@ -114,8 +115,11 @@ def _worker(all_configs: bool) -> None:
                 os.remove(path)
                 m = re.search(r"LOCAL:(\d+)", usage)
                 local = int(m.group(1)) if m else None
+            cp_sizes = re.findall(r"cp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(\w+)", ptx)
             results.append(dict(tag=tag, kernel=kernel.fn.__name__, config=str(cfg),
-                                wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"),
+                                wgmma=ptx.count("wgmma.mma_async"), cp_async=len(cp_sizes),
+                                cp_async_narrow=sum(int(v, 0) < 16 for v in cp_sizes),
+                                fenced_atomics=len(re.findall(r"atom\.global\S*acq_rel", ptx)),
                                 mma_sync=ptx.count("mma.sync"), shared=ck.metadata.shared, local=local))
     print(json.dumps(results))
 
@@ -140,6 +144,8 @@ def _check(compiled: list[dict], at_least: int) -> None:
         where = f"{r['kernel']} [{r['tag']}] {r['config']}"
         assert r["wgmma"] > 0, f"{where}: no wgmma (mma.sync count {r['mma_sync']})"
         assert r["cp_async"] > 0, f"{where}: loads not pipelined through shared memory"
+        assert r["cp_async_narrow"] == 0, f"{where}: {r['cp_async_narrow']} cp.async copies under 16 B"
+        assert r["fenced_atomics"] == 0, f"{where}: acq_rel atomics (sums should be relaxed reds)"
         assert r["shared"] <= H100_SMEM, f"{where}: {r['shared']} B shared memory > {H100_SMEM}"
         if r["local"] is not None:
             assert r["local"] == 0, f"{where}: {r['local']} B of local memory (register spills)"

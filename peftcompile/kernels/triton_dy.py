@@ -18,7 +18,8 @@ the reference math under ``torch.use_deterministic_algorithms``).
 
 Cost to measure on the GPU: fusing dB trades a second read of dY (16 MiB for M = 4096,
 out = 2048, bf16) for (M / BLOCK_M) * out * r fp32 reductions into L2 (8.4 M, ~34 MB of
-red traffic at BLOCK_M = 64, r = 64). Which is faster is not known without a GPU, so
+red traffic at BLOCK_M = 64, r = 64; compiled for sm_90 they are 16-byte
+``red.global.relaxed.add.v4.f32``, i.e. 2.1 M vector reds). Which is faster is not known without a GPU, so
 ``FUSE_DB`` (lowrank_triton) switches dB to a split-K GEMM dY^T (Z*D) instead; both paths
 are tested.
 """
@@ -109,8 +110,9 @@ def _dy_side_kernel(
         du = tl.dot(dy, bt, du, input_precision=PRECISION)
         if FUSE_DB:
             dbt = tl.dot(tl.trans(dy), u, input_precision=PRECISION)
+            # (all atomics here are plain sums: relaxed, no acq_rel fences)
             tl.atomic_add(db_ptr + g * g_db + offs_n[:, None] * s_dbn + offs_r[None, :] * s_dbr,
-                          dbt * scale, mask=mask_n[:, None] & mask_r[None, :])
+                          dbt * scale, mask=mask_n[:, None] & mask_r[None, :], sem="relaxed")
         if HAS_H:
             bh = tl.load(bht_ptr + g * g_bh + offs_n[:, None] * s_bhn + offs_h[None, :] * s_bhr,
                          mask=mask_n[:, None] & mask_h[None, :], other=0.0).to(DOT)
@@ -120,19 +122,19 @@ def _dy_side_kernel(
             if FUSE_DB:
                 dbh = tl.dot(tl.trans(dy), zh, input_precision=PRECISION)
                 tl.atomic_add(dbh_ptr + g * g_dbh + offs_n[:, None] * s_dbhn + offs_h[None, :] * s_dbhr,
-                              dbh * scale, mask=mask_n[:, None] & mask_h[None, :])
+                              dbh * scale, mask=mask_n[:, None] & mask_h[None, :], sem="relaxed")
 
     # ---- epilogue: dD, dZ (remapped to the layout dX / dA read), hybrid dZ_h
     du = du * scale
     if HAS_D:
-        tl.atomic_add(dd_ptr + offs_r, tl.sum(du * z, axis=0), mask=mask_r)
+        tl.atomic_add(dd_ptr + offs_r, tl.sum(du * z, axis=0), mask=mask_r, sem="relaxed")
         du = du * dvec[None, :]
     col = (offs_r // CHUNK) * CHUNK_STRIDE + offs_r % CHUNK
     tl.store(dz_ptr + g * g_dz + offs_m[:, None] * s_dzm + col[None, :] * s_dzr,
              du.to(dz_ptr.dtype.element_ty), mask=mask_mr)
     if HAS_H:
         tl.atomic_add(dzh_ptr + offs_m[:, None] * s_dzhm + offs_h[None, :] * s_dzhr,
-                      duh * scale, mask=mask_m[:, None] & mask_h[None, :])
+                      duh * scale, mask=mask_m[:, None] & mask_h[None, :], sem="relaxed")
 
 
 # One program per (token tile, group) streams all of the group's dY columns, so BLOCK_M
