@@ -20,7 +20,7 @@ from .modules import SharedTensors, SiteAdapter, SiteAdapters
 from .passes.capture import capture
 from .passes.match import Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
-from .spec import ALL_LINEAR, AdapterSpec, Placement, select_sites
+from .spec import AdapterSpec, Placement, select_sites
 
 __all__ = [
     "adapt",

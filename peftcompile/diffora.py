@@ -30,14 +30,14 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from .api import SHARED_ATTR, AdapterError, adapt, adapters_of, set_active, site_adapters
-from .methods import MethodConfig, method_for
+from .methods import method_for
 from .modules import SharedTensors, SiteAdapter
 from .passes.placement import BiLevelSearch, LossFn, StepLosses, cycle_batches
 from .spec import AdapterSpec, Placement
@@ -81,28 +81,7 @@ def _check_not_empty(batches: Any, what: str) -> None:
         raise ValueError(f"{what} is empty; pass at least one batch")
 
 
-# --- RaSA-style shared pools: how to shrink a group to its kept members ----------------
-
 Tensors = dict[str, torch.Tensor]
-#: method name -> rule(cfg, members, kept members, {site: tensors}, shared tensors)
-#: returning (site tensors, shared tensors) shaped for the kept members only.
-ShrinkRule = Callable[[MethodConfig, list[str], list[str], dict[str, Tensors], Tensors],
-                      tuple[dict[str, Tensors], Tensors]]
-
-
-def _shrink_rasa(cfg, members, kept, sites, shared):
-    k, priv = cfg.k, cfg.r - cfg.k
-    rows = torch.tensor([i * k + j for i, m in enumerate(members) if m in kept for j in range(k)], dtype=torch.long)
-    idx = rows.to(shared["rasa_A_shared"].device)
-    new_shared = {"rasa_A_shared": shared["rasa_A_shared"][idx], "rasa_B_shared": shared["rasa_B_shared"][:, idx]}
-    new_sites = {}
-    for s, t in sites.items():
-        d = t["rasa_D"]
-        new_sites[s] = {**t, "rasa_D": torch.cat([d[:priv], d[priv:][idx.to(d.device)]])}
-    return new_sites, new_shared
-
-
-SHRINK_RULES: dict[str, ShrinkRule] = {"rasa": _shrink_rasa}
 
 
 class DiffoRASearch:
@@ -199,7 +178,7 @@ class DiffoRASearch:
         by_group: dict[str, list[str]] = defaultdict(list)
         for s in kept:
             by_group[self.adapters[s].group].append(s)
-        rule = SHRINK_RULES.get(self.method.name)
+        rule = self.method.shrink_group
         for group, members_kept in by_group.items():
             sh = self.shared[group]
             pool = {p: t.detach().clone() for p, t in sh._parameters.items()}

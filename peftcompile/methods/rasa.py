@@ -87,6 +87,23 @@ def rasa_delta_weight(p: Params, cfg: RaSA) -> torch.Tensor:
     return (B * p["rasa_D"]) @ A  # [out, e] diag(D) [e, in]
 
 
+def _shrink_group(cfg: RaSA, members: list[str], kept: list[str], sites: dict, shared: dict) -> tuple[dict, dict]:
+    """Cut a group's tensors down to its kept members (DiffoRA warm start).
+
+    Member i owns rows [i*k, (i+1)*k) of the pool and the matching entries of every
+    member's D; the kept members' rows are kept, in member order.
+    """
+    k, priv = cfg.k, cfg.r - cfg.k
+    rows = [i * k + j for i, m in enumerate(members) if m in kept for j in range(k)]
+    idx = torch.tensor(rows, dtype=torch.long, device=shared["rasa_A_shared"].device)
+    new_shared = {"rasa_A_shared": shared["rasa_A_shared"][idx], "rasa_B_shared": shared["rasa_B_shared"][:, idx]}
+    new_sites = {}
+    for s, t in sites.items():
+        d = t["rasa_D"]
+        new_sites[s] = {**t, "rasa_D": torch.cat([d[:priv], d[priv:][idx.to(d.device)]])}
+    return new_sites, new_shared
+
+
 def _check(cfg: RaSA, in_f: int, out_f: int) -> str | None:
     return None
 
@@ -103,5 +120,6 @@ register_method(
         group_key=rasa_group_key,
         shared_shapes=_shared_shapes,
         shared_init=_shared_init,
+        shrink_group=_shrink_group,
     )
 )

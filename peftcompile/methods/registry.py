@@ -58,6 +58,8 @@ class Method:
     shared_shapes(cfg, in_f, out_f, n) -> {name: shape}  (stored once per group)
     shared_init(cfg, shared, n) -> None
     ``delta``/``delta_weight`` then receive the site's and the group's tensors in one mapping.
+    shrink_group(cfg, members, kept, {site: tensors}, shared) -> ({site: tensors}, shared)
+        the tensors of a group cut down to its ``kept`` members (DiffoRA's warm start).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Method:
     group_key: Callable[..., object] | None = None
     shared_shapes: Callable[..., dict[str, tuple[int, ...]]] | None = None
     shared_init: Callable[..., None] | None = None
+    shrink_group: Callable[..., tuple[dict, dict]] | None = None
 
     @property
     def shares(self) -> bool:

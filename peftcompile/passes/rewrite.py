@@ -77,12 +77,15 @@ def rewrite_unit_(unit: Unit, sites: Iterable[Site]) -> fx.Graph:
     and bind the regenerated forward to ``unit.module``. Returns the graph."""
     g = unit.graph
     nodes = {n.name: n for n in g.nodes}
+    adapted: dict[fx.Node, fx.Node] = {}
     for s in sites:
         y, x = nodes[s.node], nodes[s.x_node]
+        x = adapted.get(x, x)  # a site fed by an earlier site (fc(fc(x))) reads its adapted output
         target = ".".join(p for p in (s.host_rel, s.host_attr) if p)
         with g.inserting_after(y):
             out = g.call_module(target, (y, x))
         y.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+        adapted[y] = out
     g.lint()
     unit.module.forward = GraphForward(unit.module, g)
     return g
