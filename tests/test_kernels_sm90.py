@@ -7,7 +7,8 @@ ptxas, specialised the way Triton specialises a real launch (ints equal to 1 bec
 constants, multiples of 16 are marked divisible, pointers 16-byte aligned). Checked per
 kernel and autotune config: it compiles, its PTX issues ``wgmma`` (Hopper's warpgroup
 MMA; a plain ``mma.sync`` would be the slower path), loads are pipelined through shared
-memory in 16-byte ``cp.async`` copies (strided views included), fp32 sums are relaxed
+memory in 16-byte ``cp.async`` copies (strided views included; rank-16 hybrid tiles are
+exempt, too small to give each thread 16 B), fp32 sums are relaxed
 ``red`` reductions (no acq_rel fences), shared memory fits an H100 block (227 KB) and
 nothing spills to local memory. Runs in a subprocess because the other tests import Triton in interpreter
 mode. What this does not show: numerics or speed on a GPU.
@@ -93,6 +94,7 @@ def _worker(all_configs: bool) -> None:
                         attrs[(names.index(name),)] = [["tt.divisibility", 16]]
             else:
                 sig[name] = "fp32"
+        named = dict(zip(names, args))
         for cfg in (tuned.configs if all_configs else tuned.configs[:1]):
             c = {**consts, **cfg.kwargs}
             key = (kernel.fn.__name__, json.dumps({n: str(v) for n, v in sorted(c.items())}),
@@ -120,19 +122,26 @@ def _worker(all_configs: bool) -> None:
                                 wgmma=ptx.count("wgmma.mma_async"), cp_async=len(cp_sizes),
                                 cp_async_narrow=sum(int(v, 0) < 16 for v in cp_sizes),
                                 fenced_atomics=len(re.findall(r"atom\.global\S*acq_rel", ptx)),
+                                # a rank-16 operand tile (hybrid pair) is too small to hand
+                                # every thread 16 B: narrow copies are expected there
+                                tiny_operand=bool(0 < named.get("H", 64) < 64
+                                                  or (named.get("N", 64) < 64 and "R" not in named)),
                                 mma_sync=ptx.count("mma.sync"), shared=ck.metadata.shared, local=local))
     print(json.dumps(results))
 
 
 def _compile(all_configs: bool) -> list[dict]:
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
+        pytest.skip("Triton's bundled ptxas is missing: cannot compile for sm_90")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + (["--all"] if all_configs else []),
                           env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-            pytest.skip("Triton's ptxas is not available: cannot compile for sm_90")
         raise AssertionError(f"sm_90 compile worker failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -144,7 +153,8 @@ def _check(compiled: list[dict], at_least: int) -> None:
         where = f"{r['kernel']} [{r['tag']}] {r['config']}"
         assert r["wgmma"] > 0, f"{where}: no wgmma (mma.sync count {r['mma_sync']})"
         assert r["cp_async"] > 0, f"{where}: loads not pipelined through shared memory"
-        assert r["cp_async_narrow"] == 0, f"{where}: {r['cp_async_narrow']} cp.async copies under 16 B"
+        if not r["tiny_operand"]:
+            assert r["cp_async_narrow"] == 0, f"{where}: {r['cp_async_narrow']} cp.async copies under 16 B"
         assert r["fenced_atomics"] == 0, f"{where}: acq_rel atomics (sums should be relaxed reds)"
         assert r["shared"] <= H100_SMEM, f"{where}: {r['shared']} B shared memory > {H100_SMEM}"
         if r["local"] is not None:
