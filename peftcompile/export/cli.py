@@ -1,0 +1,131 @@
+"""``peftcompile export``: a model + adapter to ONNX (merged or unmerged), checked with onnxruntime.
+
+Wire it with ``app.command("export")(export_command)``; the signature is typer's
+(``Annotated`` parameters), and it is a plain function too (tests call it directly).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["export_command", "run_export"]
+
+console = Console()
+
+
+def _load_adapter(model, adapter: Path) -> None:
+    import json
+
+    import peftcompile as pc
+
+    cfg_file = adapter / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise typer.BadParameter(f"{adapter} has no adapter_config.json; pass a save_adapters (or PEFT) folder",
+                                 param_hint="--adapter")
+    if "peft_type" in json.loads(cfg_file.read_text()):
+        pc.load_peft_adapter(model, adapter)
+    else:
+        pc.load_adapters(model, adapter)
+
+
+def _example_inputs(model, batch: int, seq_len: int) -> dict:
+    import torch
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise typer.BadParameter(f"{type(model).__name__} has no config.vocab_size; export it with "
+                                 f"peftcompile.export.to_onnx and your own example inputs")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def run_export(model: str, adapter: Optional[Path], output: Path, merged: bool = True, batch: int = 2,
+               seq_len: int = 8, verify: bool = True, tol: float = 1e-4, allow_plain: bool = False,
+               status=None) -> dict:
+    """The steps of ``peftcompile export``; returns what was written and the parity error."""
+    import torch
+
+    from ..models import load_model
+    from . import OrtAdapterSession, to_onnx
+    from .onnx import _split_inputs
+
+    say = status or (lambda s: None)
+    say(f"loading {model}")
+    m, _ = load_model(model)
+    if adapter is not None:
+        say(f"loading adapter {adapter}")
+        _load_adapter(m, adapter)
+    inputs = _example_inputs(m, batch, seq_len)
+    say(f"exporting {'merged' if merged else 'unmerged'} ONNX (torch.export -> onnxscript -> optimize)")
+    res = to_onnx(m, inputs, output, merged=merged, allow_plain=allow_plain)
+    out = {"export": res, "max_rel_err": None}
+    if verify:
+        say("checking against PyTorch with onnxruntime (CPU)")
+        # Other batch and sequence sizes than the export's: the axes are dynamic.
+        check = _example_inputs(m, batch + 1, seq_len + 3)
+        split = _split_inputs(m, check)  # the call the export traced (use_cache=False for HF LMs)
+        args, kwargs = split.fill(split.tensors)
+        with torch.no_grad():
+            o = m(*args, **kwargs)
+        want = o.logits if getattr(o, "logits", None) is not None else getattr(o, "last_hidden_state", o)
+        sess = OrtAdapterSession(res.path)
+        if res.ort_adapter is not None:
+            sess.bind(res.ort_adapter)
+        got = torch.as_tensor(next(iter(sess.run(check).values())))
+        out["max_rel_err"] = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+        out["ok"] = out["max_rel_err"] <= tol
+    return out
+
+
+def export_command(
+    model: Annotated[str, typer.Argument(help="base model: an HF model folder, 'minilm', or an example "
+                                              "(tiny-llama, tiny-gpt2, tiny-bert)")],
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", "-a", help="adapter folder (save_adapters or "
+                                                                             "PEFT save_pretrained)")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="the .onnx file to write")] = Path("model.onnx"),
+    merged: Annotated[bool, typer.Option("--merged/--unmerged", help="fold the adapter into the weights, or keep "
+                                         "it as named graph inputs (+ .adapter.safetensors and .onnx_adapter "
+                                         "files) to swap adapters at run time")] = True,
+    batch: Annotated[int, typer.Option(help="example batch size (the batch axis stays dynamic)")] = 2,
+    seq_len: Annotated[int, typer.Option(help="example sequence length (the sequence axis stays dynamic)")] = 8,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="compare onnxruntime with PyTorch")] = True,
+    tol: Annotated[float, typer.Option(help="max relative error accepted by --verify")] = 1e-4,
+    allow_plain: Annotated[bool, typer.Option("--allow-plain", help="export the base model when no adapter is "
+                                              "given")] = False,
+) -> None:
+    """Export a model with its adapter to ONNX (merged or unmerged) and check it with onnxruntime."""
+    from ..api import AdapterError
+    from .onnx import OnnxExportError
+
+    try:
+        with console.status("starting") as st:
+            out = run_export(model, adapter, output, merged, batch, seq_len, verify, tol, allow_plain,
+                             status=lambda s: (st.update(s), console.log(s)))
+    except (AdapterError, OnnxExportError, FileNotFoundError, ValueError) as e:
+        hint = " (here: pass --adapter DIR, or --allow-plain)" if "allow_plain" in str(e) else ""
+        console.print(f"[red]error:[/red] {e}{hint}")
+        raise typer.Exit(code=2) from None
+    res = out["export"]
+    t = Table(title=f"peftcompile export ({'merged' if res.merged else 'unmerged'})")
+    t.add_column("item")
+    t.add_column("value")
+    t.add_row("ONNX file", f"{res.path} ({res.path.stat().st_size / 1e6:.2f} MB)")
+    t.add_row("inputs", ", ".join(res.input_names))
+    t.add_row("outputs", ", ".join(res.output_names))
+    if res.adapter_inputs:
+        zero_rank = any(0 in (a.default_shape or ()) for a in res.adapter_inputs.values())
+        t.add_row("adapter inputs", f"{len(res.adapter_inputs)} ({'zero-rank' if zero_rank else 'zero-valued'} "
+                                    f"defaults: runs as the base model when unbound)")
+        t.add_row("adapter files", f"{res.sidecar}\n{res.ort_adapter}")
+    if out["max_rel_err"] is not None:
+        colour = "green" if out["ok"] else "red"
+        t.add_row("onnxruntime vs PyTorch", f"[{colour}]max rel err {out['max_rel_err']:.2e}[/{colour}] (tol {tol:g})")
+    console.print(t)
+    if out["max_rel_err"] is not None and not out["ok"]:
+        raise typer.Exit(code=1)

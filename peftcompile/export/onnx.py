@@ -1,0 +1,657 @@
+"""ONNX export of an adapted model: merged (deltas folded into W) or unmerged (adapter as inputs).
+
+Both go through torch's onnxscript-based exporter (``torch.onnx.export(..., dynamo=True,
+optimize=True)``, i.e. non-strict ``torch.export`` then translation and optimization).
+
+* merged: a deep copy gets :func:`peftcompile.merge_and_unload`, so the file holds the
+  base graph with folded weights: no adapter nodes, the base model's initializers.
+* unmerged: the model is wrapped so its adapter tensors are extra ``forward`` inputs,
+  installed with ``torch.func.functional_call`` for the duration of the call. The exporter
+  then sees them as graph inputs (never as constants, so the optimizer cannot fold a
+  transposed ``A`` into a new, renamed initializer), and they are renamed to stable keys:
+  ``<site>.<param>`` (``model.layers.0.self_attn.q_proj.lora_A``) and
+  ``shared.<group>.<param>`` for tensors a group shares -- the same keys as
+  :func:`peftcompile.save_adapters`. Each adapter input also gets an initializer of the same
+  name as its default (ONNX "overridable initializer"; what onnxruntime's ``LoraAdapter``
+  overrides), so the file runs as the base model when no adapter is bound:
+  zero-rank tensors (LoRA A [0, in], B [out, 0]; the rank axes are exported symbolic) or
+  zero-valued tensors of full shape (see :data:`RANK_AXES` for which method gets which).
+  Every default is checked against the method's reference ``delta`` (it must give exactly
+  0) before it is written.
+  The exported adapter's own weights go to a safetensors sidecar and to onnxruntime's
+  ``.onnx_adapter`` format next to the ``.onnx`` file.
+
+The run-time adapter must have the exported spec's exact shapes (the scaling is a constant
+of the graph); :class:`peftcompile.export.OrtAdapterSession` checks this before running.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import inspect
+import json
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.export import Dim
+
+from ..api import SHARED_ATTR, AdapterError, _state, merge_and_unload, site_adapters
+from ..methods import method_for
+
+__all__ = [
+    "to_onnx",
+    "OnnxExport",
+    "AdapterInput",
+    "OnnxExportError",
+    "RANK_AXES",
+    "ZERO_RANK_BY_DEFAULT",
+    "register_rank_axes",
+    "read_metadata",
+    "default_dynamic_axes",
+    "adapter_tensors",
+    "METADATA_KEY",
+    "FORMAT",
+]
+
+METADATA_KEY = "peftcompile"
+FORMAT = "peftcompile-onnx/1"
+SIDECAR_SUFFIX = ".adapter.safetensors"
+ORT_ADAPTER_SUFFIX = ".onnx_adapter"
+
+#: method -> {parameter: axes that carry the adapter's rank}. Setting these axes to 0 gives a
+#: zero-rank adapter whose delta is an empty matmul, i.e. exactly 0 (LoRA: A [0, in],
+#: B [out, 0]; GraLoRA: A [k, in/k, 0], B [k, 0, out/k], hybrid pair [0, in], [out, 0];
+#: RaSA: private and shared ranks 0, so D has length 0). Methods not listed get zero-valued
+#: defaults of full shape.
+RANK_AXES: dict[str, dict[str, tuple[int, ...]]] = {
+    "lora": {"lora_A": (0,), "lora_B": (1,)},
+    "gralora": {"gralora_A": (2,), "gralora_B": (1,), "gralora_A_hybrid": (0,), "gralora_B_hybrid": (1,)},
+    "rasa": {"rasa_A": (0,), "rasa_B": (1,), "rasa_D": (0,), "rasa_A_shared": (0,), "rasa_B_shared": (1,)},
+}
+#: Methods whose ``defaults="auto"`` is zero-rank. LoRA and RaSA are plain matmuls, so a
+#: symbolic rank costs torch.export little. GraLoRA reshapes z to [..., k, k, r/k]; with a
+#: symbolic r, export took 4-5x longer on a tiny Llama (35 s vs 7 s for torch.export,
+#: 2 loaded cores), so it gets zero-valued full-shape defaults (B = 0 makes the delta 0;
+#: the file grows by the adapter's size). ``defaults="zero-rank"`` still gives it zero rank.
+ZERO_RANK_BY_DEFAULT: set[str] = {"lora", "rasa"}
+
+Defaults = Literal["auto", "zero-rank", "zeros"]
+
+
+def register_rank_axes(method: str, axes: Mapping[str, Sequence[int]], by_default: bool = True) -> None:
+    """Declare the rank axes of a new method's parameters (enables zero-rank defaults)."""
+    RANK_AXES[method] = {k: tuple(v) for k, v in axes.items()}
+    if by_default:
+        ZERO_RANK_BY_DEFAULT.add(method)
+    else:
+        ZERO_RANK_BY_DEFAULT.discard(method)
+
+
+class OnnxExportError(RuntimeError):
+    """The model could not be exported; the message names the op/module and the fix."""
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    """One adapter tensor as a graph input of an unmerged export."""
+
+    name: str  # graph input name: "<site>.<param>" or "shared.<group>.<param>"
+    shape: tuple[int, ...]  # the exported adapter's shape: what a bound adapter must have
+    default_shape: tuple[int, ...] | None  # shape of the zero default initializer (None: no default)
+    dtype: str  # numpy dtype name
+
+    def to_dict(self) -> dict:
+        dflt = None if self.default_shape is None else list(self.default_shape)
+        return {"shape": list(self.shape), "default_shape": dflt, "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, name: str, d: Mapping) -> "AdapterInput":
+        dflt = d.get("default_shape")
+        return cls(name, tuple(d["shape"]), None if dflt is None else tuple(dflt), str(d["dtype"]))
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`to_onnx` wrote (also stored as JSON in the model's metadata)."""
+
+    path: Path
+    merged: bool
+    adapter: str | None  # the bound-at-run-time adapter (unmerged) or the merged ones, comma-joined
+    specs: dict[str, dict]  # adapter name -> AdapterSpec.to_dict() of what the file holds / accepts
+    input_names: list[str]
+    output_names: list[str]
+    adapter_inputs: dict[str, AdapterInput] = field(default_factory=dict)
+    sidecar: Path | None = None
+    ort_adapter: Path | None = None
+
+    def metadata(self) -> dict:
+        return {
+            "format": FORMAT,
+            "merged": self.merged,
+            "adapter": self.adapter,
+            "specs": self.specs,
+            "inputs": self.input_names,
+            "outputs": self.output_names,
+            "adapter_inputs": {k: v.to_dict() for k, v in self.adapter_inputs.items()},
+            "sidecar": self.sidecar.name if self.sidecar else None,
+            "ort_adapter": self.ort_adapter.name if self.ort_adapter else None,
+        }
+
+
+# ----------------------------------------------------------------------------- inputs
+
+DynamicAxes = Mapping[str, Mapping[int, str]]
+
+
+def default_dynamic_axes(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, dict[int, str]]:
+    """Batch and sequence axes of sequence models.
+
+    Tensors of rank >= 2 get axis 0 = "batch"; integer tensors of rank >= 2 (token ids,
+    masks) and float tensors of rank >= 3 ([batch, seq, features]) also get axis 1 =
+    "sequence". The last axis of a float tensor (features) stays static.
+    """
+    out: dict[str, dict[int, str]] = {}
+    for n, t in zip(names, tensors):
+        axes: dict[int, str] = {}
+        if t.ndim >= 2:
+            axes[0] = "batch"
+            if (not t.is_floating_point() and t.ndim >= 2) or t.ndim >= 3:
+                axes[1] = "sequence"
+        if axes:
+            out[n] = axes
+    return out
+
+
+@dataclass
+class _Inputs:
+    """Example inputs split into graph inputs (tensors) and constants (everything else)."""
+
+    args: list[Any]
+    kwargs: dict[str, Any]
+    slots: list[tuple[str, int | str]]  # where each tensor input goes: ("arg", i) | ("kw", key)
+    names: list[str]
+    tensors: list[torch.Tensor]
+
+    def fill(self, tensors: Sequence[torch.Tensor]) -> tuple[list, dict]:
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for (kind, where), t in zip(self.slots, tensors):
+            if kind == "arg":
+                args[where] = t
+            else:
+                kwargs[where] = t
+        return args, kwargs
+
+
+def _split_inputs(model: nn.Module, example_inputs: Any) -> _Inputs:
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = [example_inputs], {}
+    elif isinstance(example_inputs, Mapping):
+        args, kwargs = [], dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = list(example_inputs), {}
+    else:
+        raise TypeError(
+            f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+            f"got {type(example_inputs).__name__}"
+        )
+    try:
+        # The class forward: an adapted module's instance forward is a generated *args wrapper.
+        params = list(inspect.signature(type(model).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        params = []
+    # The no-cache forward: a KV cache is not a tensor output ONNX can carry.
+    if "use_cache" in params and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    slots, names, tensors = [], [], []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            slots.append(("arg", i))
+            names.append(params[i] if i < len(params) and params[i] not in ("args", "kwargs") else f"input_{i}")
+            tensors.append(a)
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            slots.append(("kw", k))
+            names.append(k)
+            tensors.append(v)
+    if not tensors:
+        raise ValueError("example_inputs hold no tensor; pass the tensors the model's forward takes")
+    return _Inputs(args, kwargs, slots, names, tensors)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, tuple[str, nn.Parameter, str]]:
+    """Stable key -> (parameter path in ``model``, parameter, method name) of adapter ``name``.
+
+    Keys are those of :func:`peftcompile.save_adapters`: ``<site>.<param>`` and
+    ``shared.<group>.<param>``.
+    """
+    path_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    out: dict[str, tuple[str, nn.Parameter, str]] = {}
+    for _, _, cont in site_adapters(model):
+        if name not in cont:
+            continue
+        a = cont[name]
+        for p, t in a._parameters.items():
+            out[f"{cont.site}.{p}"] = (path_of[id(t)], t, a.cfg.name)
+    shared = getattr(model, SHARED_ATTR, None)
+    if shared is not None and name in shared:
+        for sh in shared[name].values():
+            for p, t in sh._parameters.items():
+                out[f"shared.{sh.group}.{p}"] = (path_of[id(t)], t, sh.cfg.name)
+    return out
+
+
+def _pick_adapter(model: nn.Module, adapter: str | None) -> str:
+    st = _state(model)
+    if adapter is not None:
+        if adapter not in st.specs:
+            raise AdapterError(f"no adapter named {adapter!r}; this model has {sorted(st.specs)}")
+        if adapter not in st.active:
+            raise AdapterError(
+                f"adapter {adapter!r} is not active (active: {list(st.active)}); "
+                f"call peftcompile.set_active(model, {adapter!r}) first"
+            )
+        return adapter
+    if len(st.active) != 1:
+        raise AdapterError(
+            f"an unmerged export carries exactly one adapter, but {len(st.active)} are active "
+            f"({list(st.active)}); pass adapter=<name> or set_active one (or export merged=True)"
+        )
+    return st.active[0]
+
+
+def _rank_axes(method: str, key: str) -> tuple[int, ...] | None:
+    param = key.rsplit(".", 1)[-1]
+    return RANK_AXES.get(method, {}).get(param)
+
+
+def _defaults_are_zero(model: nn.Module, name: str, defaults: Mapping[str, torch.Tensor]) -> bool:
+    """True if the method's reference delta is exactly 0 at every site with these tensors."""
+    shared = getattr(model, SHARED_ATTR, None)
+    for _, _, cont in site_adapters(model):
+        if name not in cont:
+            continue
+        a = cont[name]
+        t = {p: defaults[f"{cont.site}.{p}"] for p in a._parameters}
+        if a.shared is not None:
+            t.update({p: defaults[f"shared.{a.shared.group}.{p}"] for p in a.shared._parameters})
+        x = torch.randn(2, a.in_features, dtype=next(iter(t.values())).dtype)
+        try:
+            with torch.no_grad():
+                d = method_for(a.cfg).delta(x, t, a.cfg)
+        except (RuntimeError, ValueError, IndexError):
+            return False
+        if tuple(d.shape) != (2, a.out_features) or bool(d.abs().max() != 0):
+            return False
+    del shared
+    return True
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+def _leaf_name(path: tuple) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    if not parts:
+        return "output"
+    name = ".".join(parts)
+    return f"output_{name}" if parts[0].isdigit() else name
+
+
+class _Exportable(nn.Module):
+    """``forward(inputs, adapters)``: the model with its adapter tensors passed in.
+
+    ``functional_call`` installs the adapter tensors in place of the parameters for the
+    call, so torch.export traces them as user inputs. Outputs are flattened to a tuple of
+    tensors; their pytree paths (``logits``) are recorded as output names.
+    """
+
+    def __init__(self, model: nn.Module, inputs: _Inputs, params: Sequence[str], output_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self._inputs = inputs
+        self._params = list(params)
+        # Filled in place during tracing: torch.export restores the module's own attributes
+        # after a non-strict trace, so the caller keeps a reference to this list.
+        self._output_names = output_names
+
+    def forward(self, inputs: tuple[torch.Tensor, ...], adapters: tuple[torch.Tensor, ...] = ()) -> tuple:
+        args, kwargs = self._inputs.fill(inputs)
+        out = torch.func.functional_call(self.model, dict(zip(self._params, adapters)), tuple(args), kwargs,
+                                         tie_weights=False, strict=False)
+        leaves, _ = pytree.tree_flatten_with_path(out)
+        leaves = [(p, v) for p, v in leaves if isinstance(v, torch.Tensor)]
+        self._output_names[:] = [_leaf_name(p) for p, _ in leaves]
+        return tuple(v for _, v in leaves)
+
+
+@contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the export (dropout off), training flags restored afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+_NO_ONNX = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)")
+
+
+def _unsupported_ops(err: BaseException) -> list[str]:
+    ops, e, seen = [], err, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        ops += [f"{a}.{b}" for a, b in _NO_ONNX.findall(str(e))]
+        e = e.__cause__ or e.__context__
+    return list(dict.fromkeys(ops))
+
+
+def _summary(err: BaseException) -> str:
+    """The root cause line of a torch.onnx error (its "Exception summary"), without colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "## Exception summary" in lines:
+        i = lines.index("## Exception summary")
+        if i + 1 < len(lines):
+            return lines[i + 1]
+    return lines[0] if lines else type(err).__name__
+
+
+def _modules_using(ep: torch.export.ExportedProgram, op: str, root: str) -> list[str]:
+    """Where ``op`` is called: the innermost module path (or the model's class for code that
+    fx inlined into the model's own forward) and the source line."""
+    where = []
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and str(n.target) == op:
+            stack = n.meta.get("nn_module_stack") or {}
+            path = str(list(stack.values())[-1][0]) if stack else ""
+            path = re.sub(r"^(L\['self'\]\.)?model\.?", "", path) or root
+            # The model's own source lines: not torch's, not this wrapper's, not code that
+            # peftcompile regenerated ("<peftcompile-forward-N>").
+            skip = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+            lines = [f for f in re.findall(r'File "([^"]+)", line (\d+)', n.meta.get("stack_trace") or "")
+                     if not f[0].startswith("<") and not f[0].startswith(skip)]
+            if lines:
+                path += f" at {Path(lines[-1][0]).name}:{lines[-1][1]}"
+            where.append(path)
+    return list(dict.fromkeys(where))
+
+
+@functools.cache
+def _cache_torchlib_ops() -> None:
+    """Build onnxscript's torchlib op list once per process instead of once per export.
+
+    ``torch.onnx.export`` rebuilds its op registry on every call and onnxscript re-parses
+    the source of ~500 torchlib functions for it: 1.0-1.2 s of every export here (of
+    ~2.5 s for a tiny Llama on an idle core). The list is static, so it is cached.
+    Skipped silently if the private hook moves in another torch/onnxscript version.
+    """
+    try:
+        from torch.onnx._internal._lazy_import import onnxscript_apis
+
+        mod = importlib.import_module(onnxscript_apis.__name__)
+        fn = mod.get_torchlib_ops
+    except (ImportError, AttributeError):
+        return
+    if not hasattr(fn, "cache_info"):
+        mod.get_torchlib_ops = functools.cache(fn)
+
+
+def _export(wrapper: _Exportable, tensors: list[torch.Tensor], adapters: list[torch.Tensor],
+            dyn_in: list[dict | None], dyn_ad: list[dict | None], opset: int | None,
+            custom_translation_table: Mapping[Callable, Callable] | None) -> torch.onnx.ONNXProgram:
+    _cache_torchlib_ops()
+    # Static tensors are given as {} and a merged export passes no adapter tuple at all:
+    # torch.onnx's string-axis handling turns a tuple of Nones (or an empty tuple) into a
+    # list, which torch.export then rejects as a structure mismatch.
+    args: tuple = (tuple(tensors), tuple(adapters)) if adapters else (tuple(tensors),)
+    dyn = tuple(tuple(d or {} for d in part) for part in ((dyn_in, dyn_ad) if adapters else (dyn_in,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pytree / export deprecation chatter
+        try:
+            # String dim names in dynamic_shapes become Dim.DYNAMIC and name the ONNX axes.
+            return torch.onnx.export(wrapper, args, dynamic_shapes=dyn, dynamo=True,
+                                     optimize=True, verbose=False, opset_version=opset,
+                                     custom_translation_table=dict(custom_translation_table or {}))
+        except torch.onnx.OnnxExporterError as e:
+            ops = _unsupported_ops(e)
+            if not ops:
+                raise OnnxExportError(
+                    f"exporting {type(wrapper.model).__name__} to ONNX failed: {_summary(e)}. Fix: check example_inputs "
+                    f"match the forward signature; if a dynamic axis cannot be dynamic, pass dynamic_axes=None or "
+                    f"a smaller mapping"
+                ) from e
+            try:  # only to say where the op is used
+                ep = torch.export.export(wrapper, args, strict=False)
+                where = {op: _modules_using(ep, op, type(wrapper.model).__name__) for op in ops}
+            except Exception:  # noqa: BLE001 - the message is still useful without it
+                where = {op: [] for op in ops}
+            desc = "; ".join(f"{op} (in {', '.join(w) or 'the model'})" for op, w in where.items())
+            raise OnnxExportError(
+                f"operator(s) with no ONNX translation: {desc}. Fix: pass custom_translation_table="
+                f"{{torch.ops.<namespace>.<op>.default: <onnxscript function>}} to to_onnx, or give the op a "
+                f"decomposition into standard aten ops"
+            ) from e
+
+
+def _dyn_spec(names: Sequence[str], tensors: Sequence[torch.Tensor], axes: DynamicAxes) -> list[dict | None]:
+    unknown = sorted(set(axes) - set(names))
+    if unknown:
+        raise ValueError(f"dynamic_axes names inputs {unknown} that the model does not take; inputs: {list(names)}")
+    out: list[dict | None] = []
+    for n, t in zip(names, tensors):
+        spec = {}
+        for ax, dim_name in (axes.get(n) or {}).items():
+            ax = int(ax)
+            if not -t.ndim <= ax < t.ndim:
+                raise ValueError(f"dynamic_axes[{n!r}] names axis {ax}, but the example input has {t.ndim} axes")
+            if t.shape[ax] < 2:
+                raise ValueError(
+                    f"input {n!r} axis {ax} ({dim_name!r}) is dynamic but has size {t.shape[ax]} in the example; "
+                    f"torch.export specializes sizes 0 and 1, so use an example with size >= 2"
+                )
+            spec[ax % t.ndim] = str(dim_name)
+        out.append(spec or None)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def to_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    merged: bool = True,
+    dynamic_axes: DynamicAxes | str | None = "auto",
+    *,
+    adapter: str | None = None,
+    defaults: Defaults = "auto",
+    allow_plain: bool = False,
+    opset: int | None = None,
+    custom_translation_table: Mapping[Callable, Callable] | None = None,
+) -> OnnxExport:
+    """Export ``model`` to ONNX at ``path``, merged or with the adapter as named graph inputs.
+
+    example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs
+    (non-tensor values are baked in as constants; HF models get ``use_cache=False``).
+    merged: fold the active adapters into the base weights of a deep copy (``model`` is
+    never changed). Else keep the delta subgraph, with adapter ``adapter`` (default: the
+    single active one) as inputs named ``<site>.<param>`` / ``shared.<group>.<param>``,
+    zero defaults (the file runs as the base model), a safetensors sidecar
+    ``<stem>.adapter.safetensors`` and onnxruntime's ``<stem>.onnx_adapter``.
+    dynamic_axes: ``"auto"`` (batch and sequence axes, see :func:`default_dynamic_axes`),
+    ``None`` (static shapes) or ``{input name: {axis: dim name}}``.
+    defaults: the adapter inputs' defaults: ``"zero-rank"``, ``"zeros"`` (full shape) or
+    ``"auto"`` (zero-rank for the methods in :data:`ZERO_RANK_BY_DEFAULT`).
+    allow_plain: a model without peftcompile adapters raises :class:`AdapterError` unless
+    this is True, in which case the base model is exported plainly (merged and unmerged alike).
+    custom_translation_table: passed to ``torch.onnx.export`` for ops it cannot translate.
+    Returns an :class:`OnnxExport`; the same description is stored as JSON in the model's
+    ``metadata_props`` under ``"peftcompile"``.
+    """
+    import onnx_ir as ir
+
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"path must end in .onnx, got {path}")
+    if defaults not in ("auto", "zero-rank", "zeros"):
+        raise ValueError(f"defaults must be 'auto', 'zero-rank' or 'zeros', got {defaults!r}")
+    st = _state(model)
+    plain = st is None or not st.specs
+    if plain and not allow_plain:
+        raise AdapterError(
+            f"{type(model).__name__} has no peftcompile adapters, so there is nothing to merge or bind. "
+            f"Fix: call peftcompile.adapt (or load_adapters) first, or pass allow_plain=True to export the base "
+            f"model as it is"
+        )
+    if not plain and not merged:
+        bad = [c.site for _, _, c in site_adapters(model) if c.merged]
+        if bad:
+            raise AdapterError(
+                f"adapters are merged into the base weights at {bad[:4]}; an unmerged export would carry them twice. "
+                f"Fix: peftcompile.unmerge(model) first, or export merged=True"
+            )
+    inputs = _split_inputs(model, example_inputs)
+    if isinstance(dynamic_axes, str):
+        if dynamic_axes != "auto":
+            raise ValueError(f"dynamic_axes must be 'auto', None or a mapping, got {dynamic_axes!r}")
+        dynamic_axes = default_dynamic_axes(inputs.names, inputs.tensors)
+    dyn_in = _dyn_spec(inputs.names, inputs.tensors, dynamic_axes or {})
+
+    name: str | None = None
+    specs: dict[str, dict] = {}
+    found: dict[str, tuple[str, nn.Parameter, str]] = {}
+    zero_rank = False
+    target = model
+    if not plain and merged:
+        name = ",".join(st.active)
+        specs = {n: st.specs[n].to_dict() for n in st.active}
+        target = merge_and_unload(copy.deepcopy(model))
+    elif not plain:
+        name = _pick_adapter(model, adapter)
+        specs = {name: st.specs[name].to_dict()}
+        found = adapter_tensors(model, name)
+        methods = {m for _, _, m in found.values()}
+        zero_rank = all(m in RANK_AXES for m in methods) and (
+            defaults == "zero-rank" or (defaults == "auto" and methods <= ZERO_RANK_BY_DEFAULT)
+        )
+    keys = list(found)
+    ad_params = [p for p, _, _ in found.values()]
+    ad_tensors = [t.detach() for _, t, _ in found.values()]
+    ranks = {k: (_rank_axes(m, k) or ()) if zero_rank else () for k, (_, _, m) in found.items()}
+    # Dim.AUTO: torch.export may relate rank axes (RaSA's D has length private + shared).
+    dyn_ad = [{ax: Dim.AUTO for ax in ranks[k]} or None for k in keys]
+
+    out_names: list[str] = []
+    wrapper = _Exportable(target, inputs, ad_params, out_names)
+    with _eval(target), torch.no_grad():
+        prog = _export(wrapper, inputs.tensors, ad_tensors, dyn_in, dyn_ad, opset, custom_translation_table)
+
+    g = prog.model.graph
+    _rename_graph_(g, inputs.names, keys, out_names)
+    result = OnnxExport(path, merged, name, specs, [v.name for v in g.inputs if v.name not in found],
+                        [v.name for v in g.outputs])
+    if keys:
+        by_name = {v.name: v for v in g.inputs}
+        missing = [k for k in keys if k not in by_name]
+        if missing:
+            raise OnnxExportError(
+                f"adapter tensors {missing[:4]} did not become graph inputs (their sites are not on the traced "
+                f"path); check the example inputs reach every adapted site"
+            )
+        static = [k for k in keys for ax in ranks[k] if isinstance(by_name[k].shape[ax], int)]
+        if static:
+            # torch.export specialized a rank axis (a size-1 pool, say): zero rank would
+            # be rejected by the graph, so fall back to full-shape zeros.
+            zero_rank = False
+        zeros = {}
+        for k, t in zip(keys, ad_tensors):
+            shape = list(t.shape)
+            for ax in ranks[k] if zero_rank else ():
+                shape[ax] = 0
+            zeros[k] = torch.zeros(shape, dtype=t.dtype)
+        ok = _defaults_are_zero(model, name, zeros)
+        if not ok and zero_rank:
+            zeros = {k: torch.zeros_like(t) for k, t in zip(keys, ad_tensors)}
+            ok = _defaults_are_zero(model, name, zeros)
+        if not ok:
+            warnings.warn(
+                f"adapter {name!r}: the method's delta is not exactly 0 with zero-valued tensors, so the adapter "
+                f"inputs get no defaults and every run must bind an adapter",
+                stacklevel=2,
+            )
+        for k, t in zip(keys, ad_tensors):
+            if ok:
+                v = by_name[k]
+                v.const_value = ir.tensor(zeros[k].numpy(), name=k)
+                g.register_initializer(v)
+            result.adapter_inputs[k] = AdapterInput(
+                k, tuple(t.shape), tuple(zeros[k].shape) if ok else None, str(t.numpy().dtype)
+            )
+        result.sidecar = path.with_name(path.stem + SIDECAR_SUFFIX)
+        result.ort_adapter = path.with_name(path.stem + ORT_ADAPTER_SUFFIX)
+
+    prog.model.metadata_props[METADATA_KEY] = json.dumps(result.metadata())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prog.save(str(path))
+    if keys:
+        from .ort import write_ort_adapter, write_sidecar
+
+        tensors = dict(zip(keys, ad_tensors))
+        write_sidecar(result.sidecar, tensors, result.metadata())
+        write_ort_adapter(result.ort_adapter, tensors)
+    return result
+
+
+def _rename_graph_(g: Any, input_names: Sequence[str], adapter_keys: Sequence[str], output_names: Sequence[str]) -> None:
+    """Stable names: user inputs, adapter inputs, outputs, and base weights without the
+    wrapper's ``model.`` prefix (so they read as the model's own state_dict keys)."""
+    # The exporter names nested inputs "<arg>_<index>".
+    rename = {f"inputs_{i}": n for i, n in enumerate(input_names)}
+    rename.update({f"adapters_{j}": k for j, k in enumerate(adapter_keys)})
+    for v in g.inputs:
+        if v.name in rename:
+            v.name = rename[v.name]
+    taken = {v.name for v in g.inputs} | set(g.initializers)
+    if len(output_names) == len(g.outputs) and len(set(output_names)) == len(output_names):
+        for v, n in zip(g.outputs, output_names):
+            if v not in g.inputs and v.name not in g.initializers and n not in taken:
+                v.name = n
+    inits = list(g.initializers.values())
+    for v in inits:
+        new = v.name.removeprefix("model.")
+        if new != v.name and new not in taken:
+            g.initializers.pop(v.name)
+            v.name = new
+            g.initializers[new] = v
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The ``peftcompile`` metadata of an exported file ({} if it has none)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    for p in m.metadata_props:
+        if p.key == METADATA_KEY:
+            return json.loads(p.value)
+    return {}
+

@@ -1,0 +1,245 @@
+"""onnxruntime side of an unmerged export: adapter files and a session that checks bindings.
+
+Files next to ``model.onnx`` (written by :func:`peftcompile.export.to_onnx`):
+* ``model.adapter.safetensors``: the exported adapter's tensors under their graph input
+  names, with the export's description (spec, shapes) in the safetensors metadata.
+* ``model.onnx_adapter``: the same tensors in onnxruntime's adapter format, bound with
+  ``onnxruntime.LoraAdapter`` + ``RunOptions.add_active_adapter``. onnxruntime feeds the
+  adapter's tensors by name, overriding the graph inputs' default initializers.
+
+:class:`OrtAdapterSession` checks names, shapes and spec of an adapter against the graph
+before onnxruntime runs, so a wrong adapter fails with a message instead of a shape error
+deep inside a kernel (or, worse, a silent broadcast).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..api import AdapterError, _state
+from .onnx import FORMAT, METADATA_KEY, AdapterInput, adapter_tensors
+
+__all__ = ["OrtAdapterSession", "write_sidecar", "write_ort_adapter", "read_adapter_file"]
+
+_SAVE_ADAPTERS_WEIGHTS = "adapter_model.safetensors"
+_SAVE_ADAPTERS_CONFIG = "adapter_config.json"
+
+
+def _np(t: Any) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().contiguous().numpy()
+    if hasattr(t, "numpy") and not isinstance(t, np.ndarray):  # OrtValue
+        return np.asarray(t.numpy())
+    return np.asarray(t)
+
+
+def write_sidecar(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> Path:
+    """Adapter tensors keyed by graph input name, the export description as metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path),
+              metadata={METADATA_KEY: json.dumps(meta)})
+    return path
+
+
+def write_ort_adapter(path: str | Path, tensors: Mapping[str, Any], adapter_version: int = 1,
+                      model_version: int = 1) -> Path:
+    """Write ``tensors`` (graph input name -> tensor) in onnxruntime's ``.onnx_adapter`` format."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(adapter_version)
+    fmt.set_model_version(model_version)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(_np(t)) for k, t in tensors.items()})
+    fmt.export_adapter(str(path))
+    return path
+
+
+def read_adapter_file(source: str | Path) -> tuple[dict[str, np.ndarray], dict | None]:
+    """Tensors (and the spec, if the file records one) from an adapter file or directory.
+
+    Accepts an ``.onnx_adapter`` file, a sidecar / any ``.safetensors`` file keyed by graph
+    input names, or a directory written by :func:`peftcompile.save_adapters` (same keys).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = Path(source)
+    if p.is_dir():
+        cfg_file = p / _SAVE_ADAPTERS_CONFIG
+        if not (p / _SAVE_ADAPTERS_WEIGHTS).is_file() or not cfg_file.is_file():
+            raise AdapterError(f"{p} is not an adapter directory (expected {_SAVE_ADAPTERS_WEIGHTS} and "
+                               f"{_SAVE_ADAPTERS_CONFIG}, as save_adapters writes)")
+        cfg = json.loads(cfg_file.read_text())
+        if "peft_type" in cfg:
+            raise AdapterError(f"{p} is a PEFT adapter; load it into the model with peftcompile.load_peft_adapter "
+                               f"and bind the model, or save_adapters it first")
+        tensors = {k: _np(v) for k, v in load_file(str(p / _SAVE_ADAPTERS_WEIGHTS)).items()}
+        return tensors, (cfg.get("spec") or {}).get("method")
+    if not p.is_file():
+        raise AdapterError(f"adapter file not found: {p}")
+    if p.suffix == ".onnx_adapter":
+        import onnxruntime as ort
+
+        try:
+            params = ort.AdapterFormat.read_adapter(str(p)).get_parameters()
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
+            raise AdapterError(f"{p} is not a readable .onnx_adapter file ({e})") from None
+        return {k: _np(v) for k, v in params.items()}, None
+    if p.suffix == ".safetensors":
+        with safe_open(str(p), "np") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        spec = None
+        if METADATA_KEY in meta:
+            specs = json.loads(meta[METADATA_KEY]).get("specs") or {}
+            spec = next(iter(specs.values()))["method"] if len(specs) == 1 else None
+        return tensors, spec
+    raise AdapterError(f"{p}: unknown adapter file type; use .onnx_adapter, .safetensors or a save_adapters directory")
+
+
+class OrtAdapterSession:
+    """An onnxruntime session over an export of :func:`to_onnx`, with checked adapter binding.
+
+    ``bind`` accepts an ``.onnx_adapter`` file (bound through onnxruntime's ``LoraAdapter``),
+    a ``.safetensors`` file, a :func:`peftcompile.save_adapters` directory, a mapping of
+    graph input name -> tensor/array, or an adapted ``nn.Module`` (its active adapter).
+    Names, shapes and (where the source records it) the method config must match the export.
+    ``unbind`` returns to the defaults (the base model). ``run`` returns output name -> array.
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 sess_options: Any = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if sess_options is None:
+            sess_options = ort.SessionOptions()
+            # onnxruntime warns once per adapter input that an initializer is also a graph
+            # input: that is the point here (an overridable default), so keep errors only.
+            sess_options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path), sess_options=sess_options, providers=list(providers))
+        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if meta is None:
+            raise AdapterError(f"{self.path} was not written by peftcompile.export.to_onnx (no '{METADATA_KEY}' "
+                               f"metadata); run it with onnxruntime.InferenceSession directly")
+        self.meta = json.loads(meta)
+        if self.meta.get("format") != FORMAT:
+            raise AdapterError(f"{self.path}: unsupported export format {self.meta.get('format')!r}")
+        self.adapter_inputs = {k: AdapterInput.from_dict(k, v) for k, v in self.meta["adapter_inputs"].items()}
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        self.input_names = [n for n in self.meta["inputs"] if n in graph_inputs]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._feeds: dict[str, np.ndarray] = {}
+        self._run_options = None
+        self._adapter = None  # keeps the LoraAdapter alive while bound
+        self.bound: str | None = None
+
+    @property
+    def spec(self) -> dict | None:
+        """The bindable adapter's method config (``AdapterSpec.to_dict()["method"]``); None if merged."""
+        if self.meta["merged"] or not self.meta.get("adapter"):
+            return None
+        return self.meta["specs"][self.meta["adapter"]]["method"]
+
+    # -- binding -------------------------------------------------------------------
+    def check(self, tensors: Mapping[str, Any], spec: Mapping | None = None, source: str = "adapter") -> None:
+        """Raise :class:`AdapterError` unless ``tensors`` fit the exported adapter inputs."""
+        if not self.adapter_inputs:
+            raise AdapterError(f"{self.path} is a merged (or plain) export: it has no adapter inputs to bind; "
+                               f"export with merged=False to swap adapters at run time")
+        if spec is not None and self.spec is not None and dict(spec) != dict(self.spec):
+            raise AdapterError(f"{source} is a {spec} adapter but {self.path.name} was exported for {self.spec}; "
+                               f"export again with that spec")
+        want = self.adapter_inputs
+        missing = sorted(set(want) - set(tensors))
+        extra = sorted(set(tensors) - set(want))
+        wrong = [f"{k}: {tuple(np.shape(tensors[k]))} vs graph {want[k].shape}"
+                 for k in want if k in tensors and tuple(np.shape(tensors[k])) != want[k].shape]
+        if missing or extra or wrong:
+            parts = []
+            if wrong:
+                parts.append("shape mismatch: " + "; ".join(wrong[:6]))
+            if missing:
+                parts.append(f"missing: {missing[:6]}")
+            if extra:
+                parts.append(f"not inputs of this graph: {extra[:6]}")
+            raise AdapterError(
+                f"{source} does not fit {self.path.name} ({' | '.join(parts)}). An unmerged export binds adapters "
+                f"of the spec and sites it was exported with ({self.spec})"
+            )
+
+    def bind(self, source: str | Path | Mapping[str, Any] | nn.Module) -> "OrtAdapterSession":
+        """Make ``source`` the adapter of the following ``run`` calls (checked first)."""
+        import onnxruntime as ort
+
+        spec = None
+        label = type(source).__name__
+        if isinstance(source, nn.Module):
+            st = _state(source)
+            if st is None or len(st.active) != 1:
+                raise AdapterError(f"{type(source).__name__} must have exactly one active peftcompile adapter to bind")
+            tensors = {k: _np(t) for k, (_, t, _) in adapter_tensors(source, st.active[0]).items()}
+            spec = st.specs[st.active[0]].to_dict()["method"]
+        elif isinstance(source, Mapping):
+            tensors = {k: _np(v) for k, v in source.items()}
+        else:
+            label = str(source)
+            tensors, spec = read_adapter_file(source)
+        self.check(tensors, spec, label)
+        if isinstance(source, (str, Path)) and Path(source).suffix == ".onnx_adapter":
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(source))
+            ro = ort.RunOptions()
+            ro.add_active_adapter(adapter)
+            self._adapter, self._run_options, self._feeds = adapter, ro, {}
+        else:
+            types = {i.name: i.type for i in self.session.get_inputs()}
+            self._feeds = {k: v.astype(_ORT_TYPES.get(types.get(k), v.dtype), copy=False) for k, v in tensors.items()}
+            self._adapter = self._run_options = None
+        self.bound = label
+        return self
+
+    def unbind(self) -> "OrtAdapterSession":
+        """Run the base model again (the adapter inputs' zero defaults)."""
+        self._feeds, self._adapter, self._run_options, self.bound = {}, None, None, None
+        return self
+
+    # -- running -------------------------------------------------------------------
+    def run(self, inputs: Mapping[str, Any] | Sequence[Any] | Any) -> dict[str, np.ndarray]:
+        """Run with the bound adapter (or the base model); returns output name -> array."""
+        if isinstance(inputs, Mapping):
+            feeds = {k: _np(v) for k, v in inputs.items()}
+        elif isinstance(inputs, (list, tuple)):
+            feeds = dict(zip(self.input_names, (_np(v) for v in inputs)))
+        else:
+            feeds = {self.input_names[0]: _np(inputs)}
+        unknown = sorted(set(feeds) - set(self.input_names))
+        missing = sorted(set(self.input_names) - set(feeds))
+        if unknown or missing:
+            raise ValueError(f"{self.path.name} takes inputs {self.input_names}; missing {missing}, unknown {unknown}"
+                             + ("; bind adapters with .bind(), not as inputs" if set(unknown) & set(self.adapter_inputs)
+                                else ""))
+        if self.bound is None:
+            required = [k for k, a in self.adapter_inputs.items() if a.default_shape is None]
+            if required:
+                raise AdapterError(f"{self.path.name} has adapter inputs without defaults ({required[:4]}); "
+                                   f"bind an adapter before run")
+        feeds.update(self._feeds)
+        outs = self.session.run(None, feeds, self._run_options)
+        return dict(zip(self.output_names, outs))
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+}
