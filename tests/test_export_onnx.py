@@ -281,6 +281,21 @@ def test_gralora_zero_rank_defaults_on_request(tmp_path):
     assert rel(first(sess.bind(exp.ort_adapter).run(x)), torch_out(m, x)) <= TOL
 
 
+def test_training_model_exports_in_eval_mode_and_stays_in_training(tmp_path):
+    """Adapter dropout must not be baked into the file; the caller's train() state survives."""
+    torch.manual_seed(0)
+    m = MLP()
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=4, dropout=0.5)))
+    randomize_adapters_(m)
+    m.train()
+    exp = to_onnx(m, torch.randn(2, 16), tmp_path / "t.onnx", merged=False)
+    assert m.training and all(mod.training for mod in m.modules())
+    x = {"x": torch.randn(5, 16)}
+    got = first(OrtAdapterSession(exp.path).bind(exp.sidecar).run(x))
+    m.eval()
+    assert rel(got, torch_out(m, x)) <= TOL
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.fixture(scope="module")
@@ -332,6 +347,20 @@ def test_bind_missing_or_unknown_tensors_fails(mlp_case: Case):
     with pytest.raises(ValueError, match="bind adapters with .bind"):
         sess.run({**mlp_case.check, **{k: v.detach().numpy() for k, v in good.items()}})
     assert rel(first(sess.bind(good).run(mlp_case.check)), mlp_case.ref) <= TOL
+
+
+def test_bfloat16_adapter_file_is_checked_by_dtype(mlp_case: Case, tmp_path):
+    """.onnx_adapter carries bfloat16 (numpy cannot); a float32 graph refuses it before running."""
+    good = {k: t.detach() for k, (_, t, _) in adapter_tensors(mlp_case.model, "default").items()}
+    file = write_ort_adapter(tmp_path / "bf16.onnx_adapter", {k: t.to(torch.bfloat16) for k, t in good.items()})
+    params = ort.AdapterFormat.read_adapter(str(file)).get_parameters()
+    assert {k: (tuple(v.shape()), v.data_type()) for k, v in params.items()} == {
+        k: (tuple(t.shape), "tensor(bfloat16)") for k, t in good.items()}
+    sess = OrtAdapterSession(mlp_case.unmerged.path)
+    with pytest.raises(pc.AdapterError, match=r"dtype mismatch: fc1\.lora_A: bfloat16 vs graph float32"):
+        sess.bind(file)
+    with pytest.raises(pc.AdapterError, match="write_ort_adapter"):
+        sess.bind({k: t.to(torch.bfloat16) for k, t in good.items()})
 
 
 def test_merged_file_has_nothing_to_bind(mlp_case: Case):

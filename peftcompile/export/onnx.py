@@ -1,28 +1,33 @@
 """ONNX export of an adapted model: merged (deltas folded into W) or unmerged (adapter as inputs).
 
 Both go through torch's onnxscript-based exporter (``torch.onnx.export(..., dynamo=True,
-optimize=True)``, i.e. non-strict ``torch.export`` then translation and optimization).
+optimize=True)``, i.e. non-strict ``torch.export``, translation, then onnxscript's optimizer).
 
-* merged: a deep copy gets :func:`peftcompile.merge_and_unload`, so the file holds the
-  base graph with folded weights: no adapter nodes, the base model's initializers.
-* unmerged: the model is wrapped so its adapter tensors are extra ``forward`` inputs,
+* merged: a deep copy gets :func:`peftcompile.merge_and_unload`, so the file holds the base
+  graph with folded weights: no adapter nodes, the base model's initializers.
+* unmerged: the model is wrapped so that its adapter tensors are extra ``forward`` inputs,
   installed with ``torch.func.functional_call`` for the duration of the call. The exporter
-  then sees them as graph inputs (never as constants, so the optimizer cannot fold a
-  transposed ``A`` into a new, renamed initializer), and they are renamed to stable keys:
+  sees them as graph inputs, never as constants, so the optimizer keeps them as they are
+  (it does fold and rename constant weights: a transposed base W becomes ``val_N``). They
+  are renamed to stable keys, the same as :func:`peftcompile.save_adapters` writes:
   ``<site>.<param>`` (``model.layers.0.self_attn.q_proj.lora_A``) and
-  ``shared.<group>.<param>`` for tensors a group shares -- the same keys as
-  :func:`peftcompile.save_adapters`. Each adapter input also gets an initializer of the same
-  name as its default (ONNX "overridable initializer"; what onnxruntime's ``LoraAdapter``
-  overrides), so the file runs as the base model when no adapter is bound:
-  zero-rank tensors (LoRA A [0, in], B [out, 0]; the rank axes are exported symbolic) or
-  zero-valued tensors of full shape (see :data:`RANK_AXES` for which method gets which).
-  Every default is checked against the method's reference ``delta`` (it must give exactly
-  0) before it is written.
-  The exported adapter's own weights go to a safetensors sidecar and to onnxruntime's
-  ``.onnx_adapter`` format next to the ``.onnx`` file.
+  ``shared.<group>.<param>`` for tensors a group shares (RaSA's pool, stored once).
+  Each adapter input also gets an initializer of the same name as its default, so the file
+  runs as the base model when no adapter is bound: zero-rank tensors (LoRA A [0, in],
+  B [out, 0]; the rank axes are exported symbolic) or zero-valued tensors of full shape
+  (see :data:`RANK_AXES` and :data:`ZERO_RANK_BY_DEFAULT`). Every default is checked
+  against the method's reference ``delta`` (it must give exactly 0) before it is written.
+  Next to ``model.onnx`` go the exported adapter's tensors, keyed by input name:
+  ``model.adapter.safetensors`` (the sidecar; the export description is in its metadata)
+  and ``model.onnx_adapter`` (onnxruntime's adapter format).
 
-The run-time adapter must have the exported spec's exact shapes (the scaling is a constant
-of the graph); :class:`peftcompile.export.OrtAdapterSession` checks this before running.
+onnxruntime's ``LoraAdapter`` + ``RunOptions.add_active_adapter`` feeds the adapter's
+tensors as graph inputs by name (checked with onnxruntime 1.32: a name that is only an
+initializer is rejected, "Invalid input name"), so it overrides exactly these inputs'
+defaults. It does not check shapes: a partial or wrong-rank adapter fails inside a MatMul
+kernel or broadcasts silently. The bound adapter must have the exported spec's exact
+shapes (the scaling is a constant of the graph); :class:`OrtAdapterSession` checks names,
+shapes, dtype and spec before running.
 """
 
 from __future__ import annotations
@@ -164,7 +169,7 @@ def default_dynamic_axes(names: Sequence[str], tensors: Sequence[torch.Tensor]) 
         axes: dict[int, str] = {}
         if t.ndim >= 2:
             axes[0] = "batch"
-            if (not t.is_floating_point() and t.ndim >= 2) or t.ndim >= 3:
+            if not t.is_floating_point() or t.ndim >= 3:
                 axes[1] = "sequence"
         if axes:
             out[n] = axes
@@ -277,7 +282,6 @@ def _rank_axes(method: str, key: str) -> tuple[int, ...] | None:
 
 def _defaults_are_zero(model: nn.Module, name: str, defaults: Mapping[str, torch.Tensor]) -> bool:
     """True if the method's reference delta is exactly 0 at every site with these tensors."""
-    shared = getattr(model, SHARED_ATTR, None)
     for _, _, cont in site_adapters(model):
         if name not in cont:
             continue
@@ -293,7 +297,6 @@ def _defaults_are_zero(model: nn.Module, name: str, defaults: Mapping[str, torch
             return False
         if tuple(d.shape) != (2, a.out_features) or bool(d.abs().max() != 0):
             return False
-    del shared
     return True
 
 
@@ -602,10 +605,10 @@ def to_onnx(
         for k, t in zip(keys, ad_tensors):
             if ok:
                 v = by_name[k]
-                v.const_value = ir.tensor(zeros[k].numpy(), name=k)
+                v.const_value = ir.tensor(zeros[k], name=k)
                 g.register_initializer(v)
             result.adapter_inputs[k] = AdapterInput(
-                k, tuple(t.shape), tuple(zeros[k].shape) if ok else None, str(t.numpy().dtype)
+                k, tuple(t.shape), tuple(zeros[k].shape) if ok else None, str(t.dtype).removeprefix("torch.")
             )
         result.sidecar = path.with_name(path.stem + SIDECAR_SUFFIX)
         result.ort_adapter = path.with_name(path.stem + ORT_ADAPTER_SUFFIX)

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -31,12 +33,35 @@ _SAVE_ADAPTERS_WEIGHTS = "adapter_model.safetensors"
 _SAVE_ADAPTERS_CONFIG = "adapter_config.json"
 
 
+# onnxruntime element type -> torch/numpy dtype name (what AdapterInput.dtype records).
+_ORT_DTYPE = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(double)": "float64"}
+
+
 def _np(t: Any) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().cpu().contiguous().numpy()
-    if hasattr(t, "numpy") and not isinstance(t, np.ndarray):  # OrtValue
-        return np.asarray(t.numpy())
     return np.asarray(t)
+
+
+def _arrays(tensors: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
+    try:
+        return {k: _np(v) for k, v in tensors.items()}
+    except TypeError as e:  # bfloat16 has no numpy type
+        raise AdapterError(f"{source}: {e}; write the tensors with write_ort_adapter and bind that .onnx_adapter "
+                           f"file (onnxruntime feeds it without numpy)") from None
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    return tuple(t.shape()) if isinstance(t, ort.OrtValue) else tuple(np.shape(t))
+
+
+def _ort_value(t: Any) -> ort.OrtValue:
+    if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
+        # numpy has no bfloat16: hand onnxruntime the raw 16-bit words with the element type.
+        words = t.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(words, onnx.TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(_np(t)))
 
 
 def write_sidecar(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> Path:
@@ -52,22 +77,21 @@ def write_sidecar(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: M
 def write_ort_adapter(path: str | Path, tensors: Mapping[str, Any], adapter_version: int = 1,
                       model_version: int = 1) -> Path:
     """Write ``tensors`` (graph input name -> tensor) in onnxruntime's ``.onnx_adapter`` format."""
-    import onnxruntime as ort
-
     path = Path(path)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(adapter_version)
     fmt.set_model_version(model_version)
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(_np(t)) for k, t in tensors.items()})
+    fmt.set_parameters({k: _ort_value(t) for k, t in tensors.items()})
     fmt.export_adapter(str(path))
     return path
 
 
-def read_adapter_file(source: str | Path) -> tuple[dict[str, np.ndarray], dict | None]:
+def read_adapter_file(source: str | Path) -> tuple[dict[str, Any], dict | None]:
     """Tensors (and the spec, if the file records one) from an adapter file or directory.
 
-    Accepts an ``.onnx_adapter`` file, a sidecar / any ``.safetensors`` file keyed by graph
-    input names, or a directory written by :func:`peftcompile.save_adapters` (same keys).
+    Accepts an ``.onnx_adapter`` file (values are ``onnxruntime.OrtValue``), a sidecar or any
+    ``.safetensors`` file keyed by graph input names, or a directory written by
+    :func:`peftcompile.save_adapters` (same keys); those give numpy arrays.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -87,13 +111,11 @@ def read_adapter_file(source: str | Path) -> tuple[dict[str, np.ndarray], dict |
     if not p.is_file():
         raise AdapterError(f"adapter file not found: {p}")
     if p.suffix == ".onnx_adapter":
-        import onnxruntime as ort
-
         try:
             params = ort.AdapterFormat.read_adapter(str(p)).get_parameters()
         except Exception as e:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
             raise AdapterError(f"{p} is not a readable .onnx_adapter file ({e})") from None
-        return {k: _np(v) for k, v in params.items()}, None
+        return dict(params), None
     if p.suffix == ".safetensors":
         with safe_open(str(p), "np") as f:
             meta = f.metadata() or {}
@@ -118,8 +140,6 @@ class OrtAdapterSession:
 
     def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
                  sess_options: Any = None) -> None:
-        import onnxruntime as ort
-
         self.path = Path(path)
         if sess_options is None:
             sess_options = ort.SessionOptions()
@@ -162,12 +182,19 @@ class OrtAdapterSession:
         want = self.adapter_inputs
         missing = sorted(set(want) - set(tensors))
         extra = sorted(set(tensors) - set(want))
-        wrong = [f"{k}: {tuple(np.shape(tensors[k]))} vs graph {want[k].shape}"
-                 for k in want if k in tensors and tuple(np.shape(tensors[k])) != want[k].shape]
-        if missing or extra or wrong:
+        wrong = [f"{k}: {_shape(tensors[k])} vs graph {want[k].shape}"
+                 for k in want if k in tensors and _shape(tensors[k]) != want[k].shape]
+        # Arrays are cast to the graph's float type on binding; onnxruntime's own adapter
+        # values are fed as they are, so their element type must match.
+        types = {k: _ORT_DTYPE.get(t.data_type(), t.data_type()) for k, t in tensors.items()
+                 if k in want and isinstance(t, ort.OrtValue)}
+        wrong_type = [f"{k}: {types[k]} vs graph {want[k].dtype}" for k in want if k in types and types[k] != want[k].dtype]
+        if missing or extra or wrong or wrong_type:
             parts = []
             if wrong:
                 parts.append("shape mismatch: " + "; ".join(wrong[:6]))
+            if wrong_type:
+                parts.append("dtype mismatch: " + "; ".join(wrong_type[:6]))
             if missing:
                 parts.append(f"missing: {missing[:6]}")
             if extra:
@@ -179,18 +206,16 @@ class OrtAdapterSession:
 
     def bind(self, source: str | Path | Mapping[str, Any] | nn.Module) -> "OrtAdapterSession":
         """Make ``source`` the adapter of the following ``run`` calls (checked first)."""
-        import onnxruntime as ort
-
         spec = None
         label = type(source).__name__
         if isinstance(source, nn.Module):
             st = _state(source)
             if st is None or len(st.active) != 1:
                 raise AdapterError(f"{type(source).__name__} must have exactly one active peftcompile adapter to bind")
-            tensors = {k: _np(t) for k, (_, t, _) in adapter_tensors(source, st.active[0]).items()}
+            tensors = _arrays({k: t for k, (_, t, _) in adapter_tensors(source, st.active[0]).items()}, label)
             spec = st.specs[st.active[0]].to_dict()["method"]
         elif isinstance(source, Mapping):
-            tensors = {k: _np(v) for k, v in source.items()}
+            tensors = _arrays(source, label)
         else:
             label = str(source)
             tensors, spec = read_adapter_file(source)
