@@ -84,6 +84,12 @@ def merge(model: str = typer.Argument(..., help="base model: HF folder or exampl
     console.print(f"merged checkpoint written to {out}")
 
 
+from .export.cli import export_command  # noqa: E402  (defined with the exporter)
+
+app.command("export", help="Export a model (+ adapter) to ONNX, merged or unmerged, checked against onnxruntime.")(
+    export_command)
+
+
 def main() -> None:
     app()
 
