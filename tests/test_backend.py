@@ -195,6 +195,31 @@ def test_mixed_dtypes_are_left_as_reference_math():
     torch.testing.assert_close(out, model(x))
 
 
+def test_autocast_is_left_as_reference_math():
+    """Under autocast the base linear runs in bf16 on fp32 tensors: not the op's one-dtype math."""
+    model = MLP()
+    pc.adapt(model, pc.AdapterSpec(pc.LoRA(r=4), targets="all-linear"))
+    randomize_adapters_(model, std=0.1)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _compile(model)(x)
+        expected = model(x)
+    assert counters["peftcompile"]["skipped_lora"] == 2 and _fused() == 0
+    torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_malformed_tag_is_skipped_not_fatal():
+    """A region whose tag cannot be parsed stays as it is; the compile goes on."""
+    model = MLP()
+    pc.adapt(model, pc.AdapterSpec(pc.LoRA(r=4), targets=["fc1"]))
+    randomize_adapters_(model, std=0.1)
+    model.fc1.peftcompile["default"]._tag["config"] = "{not json"
+    x = torch.randn(4, 16)
+    out = _compile(model)(x)
+    assert counters["peftcompile"]["skipped_lora"] == 1
+    torch.testing.assert_close(out, model(x))
+
+
 class Twice(torch.nn.Module):
     """One linear applied twice: two regions with the same (site, adapter) tag, chained."""
 
@@ -254,7 +279,7 @@ def test_inductor_path(decompose):
     randomize_adapters_(model, std=0.1)
     ref = copy.deepcopy(model)
     compiled = torch.compile(model, backend="peftcompile", options={"peftcompile.decompose": decompose})
-    x = torch.randn(4, 16)
+    x = torch.randn(2, 3, 16)
 
     def fwd_bwd():
         out = compiled(x)

@@ -202,8 +202,8 @@ def _tag(n: Node) -> tuple[dict | None, str | None]:
     return c.get(ANNOTATION_KEY), c.get(ROLE_KEY)
 
 
-def _key(tag: dict) -> tuple[str, str]:
-    return tag["site"], tag["adapter"]
+def _key(tag: dict) -> tuple:
+    return tag.get("site"), tag.get("adapter")
 
 
 def _val(n: Any) -> Any:
@@ -389,15 +389,23 @@ def lower_adapters_(gm: fx.GraphModule) -> fx.GraphModule:
         return gm
     order = {n: i for i, n in enumerate(graph.nodes)}
     for region in regions:
-        method, site = region.tag["method"], region.tag["site"]
+        method, site = region.tag.get("method"), region.tag.get("site")
         try:
-            _apply_(graph, _plan(region), order)
+            try:
+                plan = _plan(region)
+            except Skip:
+                raise
+            except Exception as e:  # a malformed tag must not fail the whole compile
+                raise Skip(f"unexpected {type(e).__name__} while matching: {e}") from e
+            _apply_(graph, plan, order)
         except Skip as why:
             counters[COUNTER][f"skipped_{method}"] += 1
             log.debug("peftcompile: %s (adapter %r, %s) left as reference math: %s",
-                      site, region.tag["adapter"], method, why)
+                      site, region.tag.get("adapter"), method, why)
             continue
         counters[COUNTER][f"fused_{method}"] += 1
+    # Only the replaced nodes are erased (in _apply_); no eliminate_dead_code() here, since
+    # dynamo graphs carry nodes fx cannot tell are needed, and aot_autograd re-traces anyway.
     graph.lint()
     gm.recompile()
     return gm
