@@ -236,6 +236,7 @@ def run_cuda(variants: list[Variant], shape: Shape, dtype: torch.dtype, iters: i
         out.append(_result(p, ms, spread, peak))
         log(out[-1])
         del p
+        torch._dynamo.reset()  # compiled code must not keep this variant's tensors alive
         gc.collect()
         torch.cuda.empty_cache()
     return out
