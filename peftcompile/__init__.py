@@ -18,6 +18,7 @@ from .api import (
     unmerge,
 )
 from .io import load_adapters, load_peft_adapter, save_adapters
+from . import backend  # noqa: E402,F401  registers torch.compile(backend="peftcompile")
 
 __version__ = "0.1.0"
 
