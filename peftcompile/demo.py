@@ -85,13 +85,16 @@ def _batches(tok, data, bs: int, max_len: int, full_only: bool = False) -> list[
 
 
 @torch.no_grad()
-def _accuracy(model: Callable, batches) -> float:
+def _evaluate(model: Callable, batches) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on held-out batches."""
     hit = n = 0
+    loss = 0.0
     for b in batches:
         logits = model(b["input_ids"], b["attention_mask"])
         hit += (logits.argmax(-1) == b["labels"]).sum().item()
+        loss += F.cross_entropy(logits, b["labels"], reduction="sum").item()
         n += len(b["labels"])
-    return hit / max(n, 1)
+    return hit / max(n, 1), loss / max(n, 1)
 
 
 def _train(model: nn.Module, step_fn: Callable, batches, steps: int, lr: float, log: list[float], progress: bool,
@@ -163,10 +166,10 @@ def run_demo(cfg: DemoConfig, status: Callable[[str], None] = print) -> dict:
             p.requires_grad_(False)
         model.head.requires_grad_(True)
         _train(model, model, train, cfg.probe_steps, 1e-2, losses["probe"], cfg.progress, "probe")
-        res["accuracy_probe"] = _accuracy(model, test)
+        res["accuracy_probe"], res["test_loss_probe"] = _evaluate(model, test)
 
     method = pc.GraLoRA(r=cfg.rank, k=cfg.blocks, alpha=cfg.alpha)
-    spec = pc.AdapterSpec(method, targets=r"encoder\..*")
+    spec = pc.AdapterSpec(method, targets=r"encoder\.encoder\..*")  # the pooler is unused by the head
     with timed("DiffoRA placement search"):
         # warm-up on weights first: gates moving on still-zero deltas only pick up noise
         placement = search(model, spec, train, val, budget=cfg.budget, steps=cfg.search_steps, loss_fn=loss_fn,
@@ -187,7 +190,8 @@ def run_demo(cfg: DemoConfig, status: Callable[[str], None] = print) -> dict:
     step_fn = torch.compile(model, backend="peftcompile") if cfg.compile else model
     with timed("fine-tune (torch.compile backend='peftcompile')" if cfg.compile else "fine-tune (eager)"):
         _train(model, step_fn, train, cfg.train_steps, cfg.lr, losses["finetune"], cfg.progress, "fine-tune")
-        res["accuracy_adapted"] = _accuracy(model, test)  # eval in eager: same math, no eval-mode compile
+        # eval in eager: same math, no eval-mode compile
+        res["accuracy_adapted"], res["test_loss_adapted"] = _evaluate(model, test)
         res["loss_first"], res["loss_last"] = losses["finetune"][0], losses["finetune"][-1]
 
     with timed("save adapter"):
@@ -238,10 +242,13 @@ def _plot_losses(losses: dict[str, list[float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k, v in losses.items():
-        ax.plot(range(len(v)), v, label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
+    x0 = 0
+    for k, v in losses.items():  # phases one after the other on the step axis
+        ax.plot(range(x0, x0 + len(v)), v, label=k)
+        x0 += len(v)
+    ax.set_yscale("log")
+    ax.set_xlabel("step (fine-tune starts from the DiffoRA-searched adapters)")
+    ax.set_ylabel("train cross-entropy")
     ax.legend()
     ax.set_title("training loss")
     fig.tight_layout()
@@ -259,10 +266,11 @@ def _report(res: dict) -> str:
         "",
         "| step | result |",
         "|---|---|",
-        f"| linear probe (head only) | test accuracy {res['accuracy_probe']:.3f} |",
+        f"| linear probe (head only) | test accuracy {res['accuracy_probe']:.3f}, test loss {res['test_loss_probe']:.3f} |",
         f"| DiffoRA search | kept {res['placement']['kept']} of {res['placement']['candidates']} sites |",
         f"| adapt | {res['summary']['adapter_params']:,} adapter params, {res['summary']['trainable_percent']}% trainable |",
-        f"| fine-tune | loss {res['loss_first']:.3f} -> {res['loss_last']:.3f}, test accuracy {res['accuracy_adapted']:.3f} |",
+        f"| fine-tune adapters + head | train loss {res['loss_first']:.3f} -> {res['loss_last']:.3f}; test accuracy "
+        f"{res['accuracy_adapted']:.3f}, test loss {res['test_loss_adapted']:.3f} |",
         f"| ONNX merged vs torch | max rel err {o['merged_max_rel_err']:.2e} (onnxruntime CPU) |",
         f"| ONNX unmerged (adapter bound at run time) | max rel err {o['unmerged_max_rel_err']:.2e} |",
         f"| merge_and_unload | max abs diff {res['merge_max_abs_diff']:.2e} |",
