@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -112,23 +112,31 @@ def _expected(model: nn.Module, cfg: MethodConfig, sites: list[str]) -> tuple[di
     return shapes, dict(groups)
 
 
+def tensor_mismatch(expected: Mapping[str, tuple], got: Mapping[str, tuple], *, got_as: str = "file ",
+                    expected_as: str = "model", missing_as: str = "missing tensors",
+                    extra_as: str = "unexpected tensors", extra_problems: Sequence[str] = (),
+                    n: int = 8) -> str | None:
+    """Why a set of named tensor shapes does not fit the expected one (None if it fits)."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = [f"{k}: {got_as}{tuple(got[k])} vs {expected_as} {tuple(expected[k])}"
+             for k in expected if k in got and tuple(got[k]) != tuple(expected[k])]
+    parts = []
+    if wrong:
+        parts.append("shape mismatch: " + "; ".join(wrong[:n]))
+    parts += list(extra_problems)
+    if missing:
+        parts.append(f"{missing_as}: {missing[:n]}")
+    if extra:
+        parts.append(f"{extra_as}: {extra[:n]}")
+    return " | ".join(parts) or None
+
+
 def _check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple], source: str) -> None:
-    missing = sorted(set(shapes) - set(tensors))
-    extra = sorted(set(tensors) - set(shapes))
-    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {shapes[k]}"
-             for k in shapes if k in tensors and tuple(tensors[k].shape) != shapes[k]]
-    if missing or extra or wrong:
-        parts = []
-        if wrong:
-            parts.append("shape mismatch: " + "; ".join(wrong[:8]))
-        if missing:
-            parts.append(f"missing tensors: {missing[:8]}")
-        if extra:
-            parts.append(f"unexpected tensors: {extra[:8]}")
-        raise AdapterError(
-            f"{source} does not fit this model/spec ({' | '.join(parts)}); load it into the model and "
-            f"spec it was saved from"
-        )
+    why = tensor_mismatch(shapes, {k: tuple(t.shape) for k, t in tensors.items()})
+    if why:
+        raise AdapterError(f"{source} does not fit this model/spec ({why}); load it into the model and "
+                           f"spec it was saved from")
 
 
 def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],

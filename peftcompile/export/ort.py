@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..api import AdapterError, _state
+from ..io import tensor_mismatch
 from .onnx import FORMAT, METADATA_KEY, AdapterInput, adapter_tensors
 
 __all__ = ["OrtAdapterSession", "write_sidecar", "write_ort_adapter", "read_adapter_file"]
@@ -180,27 +181,18 @@ class OrtAdapterSession:
             raise AdapterError(f"{source} is a {spec} adapter but {self.path.name} was exported for {self.spec}; "
                                f"export again with that spec")
         want = self.adapter_inputs
-        missing = sorted(set(want) - set(tensors))
-        extra = sorted(set(tensors) - set(want))
-        wrong = [f"{k}: {_shape(tensors[k])} vs graph {want[k].shape}"
-                 for k in want if k in tensors and _shape(tensors[k]) != want[k].shape]
         # Arrays are cast to the graph's float type on binding; onnxruntime's own adapter
         # values are fed as they are, so their element type must match.
         types = {k: _ORT_DTYPE.get(t.data_type(), t.data_type()) for k, t in tensors.items()
                  if k in want and isinstance(t, ort.OrtValue)}
         wrong_type = [f"{k}: {types[k]} vs graph {want[k].dtype}" for k in want if k in types and types[k] != want[k].dtype]
-        if missing or extra or wrong or wrong_type:
-            parts = []
-            if wrong:
-                parts.append("shape mismatch: " + "; ".join(wrong[:6]))
-            if wrong_type:
-                parts.append("dtype mismatch: " + "; ".join(wrong_type[:6]))
-            if missing:
-                parts.append(f"missing: {missing[:6]}")
-            if extra:
-                parts.append(f"not inputs of this graph: {extra[:6]}")
+        why = tensor_mismatch({k: v.shape for k, v in want.items()}, {k: _shape(t) for k, t in tensors.items()},
+                              got_as="", expected_as="graph", missing_as="missing",
+                              extra_as="not inputs of this graph", n=6,
+                              extra_problems=[f"dtype mismatch: {'; '.join(wrong_type[:6])}"] if wrong_type else ())
+        if why:
             raise AdapterError(
-                f"{source} does not fit {self.path.name} ({' | '.join(parts)}). An unmerged export binds adapters "
+                f"{source} does not fit {self.path.name} ({why}). An unmerged export binds adapters "
                 f"of the spec and sites it was exported with ({self.spec})"
             )
 
