@@ -20,7 +20,7 @@ from .modules import SharedTensors, SiteAdapter, SiteAdapters
 from .passes.capture import capture
 from .passes.match import Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
-from .spec import AdapterSpec, Placement, select_sites
+from .spec import AdapterSpec, Placement, select_modules, select_sites
 
 __all__ = [
     "adapt",
@@ -153,6 +153,11 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
                 )
     if problems:
         raise AdapterError(f"cannot apply {spec.method!r}:\n  " + "\n  ".join(problems))
+    if spec.trainable is not None and not select_modules((n for n, _ in model.named_modules()), spec.trainable):
+        raise AdapterError(
+            f"trainable={spec.trainable!r} matched no module of {type(model).__name__}; pass module names "
+            f"(suffixes such as 'classifier', or a regex), e.g. from model.named_modules()"
+        )
 
     # build the new modules (still nothing attached)
     shared: dict[str, SharedTensors] = {}
@@ -327,7 +332,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules the adapters' specs keep trainable (``AdapterSpec.trainable``), by name."""
+    st = _state(model)
+    names = [n for n, _ in model.named_modules()]
+    out: dict[str, nn.Module] = {}
+    for spec in (st.specs.values() if st else ()):
+        if spec.trainable is not None:
+            out.update({n: model.get_submodule(n) for n in select_modules(names, spec.trainable)})
+    return out
+
+
 def _freeze_base_(model: nn.Module) -> None:
+    """Freeze everything but adapters and the specs' ``trainable`` modules."""
     adapter_params = {id(p) for _, _, c in site_adapters(model) for p in c.parameters()}
     shared = getattr(model, SHARED_ATTR, None)
     if shared is not None:
@@ -335,6 +352,10 @@ def _freeze_base_(model: nn.Module) -> None:
     for p in model.parameters():
         if id(p) not in adapter_params:
             p.requires_grad_(False)
+    for m in trainable_modules(model).values():
+        for p in m.parameters():
+            if id(p) not in adapter_params:
+                p.requires_grad_(True)
 
 
 @dataclass

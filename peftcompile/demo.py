@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -180,8 +180,8 @@ def run_demo(cfg: DemoConfig, status: Callable[[str], None] = print) -> dict:
                             "sites": placement.sites}
 
     with timed("adapt kept sites (warm start)"):
-        pc.adapt(model, spec, placement=placement)
-        model.head.requires_grad_(True)  # the head trains with the adapters
+        # the head trains with the adapters and is saved with them
+        pc.adapt(model, replace(spec, trainable=("head",)), placement=placement)
         s = pc.summary(model)
         res["summary"] = {"adapter_params": s.adapter_params, "trainable": s.trainable_params,
                           "total": s.total_params, "trainable_percent": round(s.trainable_percent, 4)}
@@ -196,7 +196,6 @@ def run_demo(cfg: DemoConfig, status: Callable[[str], None] = print) -> dict:
 
     with timed("save adapter"):
         pc.save_adapters(model, out / "adapter")
-        torch.save(model.head.state_dict(), out / "adapter" / "head.pt")
 
     with timed("export ONNX (merged, unmerged) + onnxruntime parity"):
         b = test[0]

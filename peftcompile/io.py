@@ -22,7 +22,7 @@ from .api import SHARED_ATTR, AdapterError, _require, _state, adapt, site_adapte
 from .methods import GraLoRA, LoRA, MethodConfig, method_for
 from .passes.capture import capture
 from .passes.match import match
-from .spec import AdapterSpec
+from .spec import AdapterSpec, select_modules
 
 __all__ = ["save_adapters", "load_adapters", "load_peft_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -46,7 +46,17 @@ def _adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tenso
             groups[sh.group] = list(sh.members)
             for p, t in sh._parameters.items():
                 tensors[f"shared.{sh.group}.{p}"] = t
+    st = _state(model)
+    tensors.update(_trainable_tensors(model, st.specs[name].trainable if st and name in st.specs else None))
     return tensors, sites, groups
+
+
+def _trainable_tensors(model: nn.Module, patterns) -> dict[str, torch.Tensor]:
+    """``trainable.<module>.<param>`` for the modules a spec keeps trainable."""
+    if patterns is None:
+        return {}
+    names = select_modules((n for n, _ in model.named_modules()), patterns)
+    return {f"trainable.{n}.{p}": t for n in names for p, t in model.get_submodule(n).named_parameters()}
 
 
 def save_adapters(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
@@ -142,17 +152,18 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tup
 def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
              tensors: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     shapes, groups = _expected(model, spec.method, sites)
+    shapes.update({k: tuple(t.shape) for k, t in _trainable_tensors(model, spec.trainable).items()})
     _check_tensors(tensors, shapes, source)
     st = _state(model)
     if st is not None and name in st.specs:
         have = {c.site for _, _, c in site_adapters(model) if name in c}
-        if st.specs[name].method != spec.method or have != set(sites):
+        if (st.specs[name].method, st.specs[name].trainable) != (spec.method, spec.trainable) or have != set(sites):
             raise AdapterError(
                 f"adapter {name!r} on the model has {st.specs[name].method!r} at {len(have)} sites; {source} has "
                 f"{spec.method!r} at {len(sites)} sites; load it under another name"
             )
     else:
-        adapt(model, AdapterSpec(spec.method, tuple(sites)), name)
+        adapt(model, AdapterSpec(spec.method, tuple(sites), trainable=spec.trainable), name)
     own, _, _ = _adapter_tensors(model, name)
     with torch.no_grad():
         for k, t in own.items():

@@ -13,7 +13,7 @@ import torch
 
 from .methods import MethodConfig, config_from_dict
 
-__all__ = ["AdapterSpec", "Placement", "Targets", "select_sites"]
+__all__ = ["AdapterSpec", "Placement", "Targets", "select_modules", "select_sites"]
 
 Targets = Union[str, Sequence[str]]
 ALL_LINEAR = "all-linear"
@@ -33,12 +33,16 @@ class AdapterSpec:
     ``model.layers.0.self_attn.q_proj``), a regex string matched against the full site
     name, or ``"all-linear"`` (every linear site except the model's output head).
     exclude: same forms; removes sites from the selection.
+    trainable: module names (same forms: suffixes or a regex) whose own parameters stay
+    trainable and are trained in place, e.g. a new classification head (PEFT's
+    ``modules_to_save``, without the per-adapter copy). They are saved with the adapter.
     """
 
     method: MethodConfig
     targets: Targets = ALL_LINEAR
     exclude: Targets | None = None
     placement: "Placement | None" = field(default=None, compare=False)
+    trainable: Targets | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, MethodConfig):
@@ -48,7 +52,8 @@ class AdapterSpec:
             )
         object.__setattr__(self, "targets", _norm(self.targets))
         object.__setattr__(self, "exclude", _norm(self.exclude))
-        for t in (self.targets, self.exclude):
+        object.__setattr__(self, "trainable", _norm(self.trainable))
+        for t in (self.targets, self.exclude, self.trainable):
             if t is not None and not isinstance(t, (str, tuple)):
                 raise TypeError(f"targets/exclude must be a str or a list of str, got {t!r}")
             if isinstance(t, str) and t != ALL_LINEAR:
@@ -59,15 +64,16 @@ class AdapterSpec:
 
     def with_placement(self, placement: "Placement") -> "AdapterSpec":
         """This spec restricted to a placement's kept sites (warm-started from its weights)."""
-        return AdapterSpec(self.method, tuple(placement.sites), None, placement)
+        return AdapterSpec(self.method, tuple(placement.sites), None, placement, self.trainable)
 
     def to_dict(self) -> dict:
         return {"method": self.method.to_dict(), "targets": _json_targets(self.targets),
-                "exclude": _json_targets(self.exclude)}
+                "exclude": _json_targets(self.exclude), "trainable": _json_targets(self.trainable)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "AdapterSpec":
-        return cls(config_from_dict(d["method"]), d.get("targets", ALL_LINEAR), d.get("exclude"))
+        return cls(config_from_dict(d["method"]), d.get("targets", ALL_LINEAR), d.get("exclude"),
+                   trainable=d.get("trainable"))
 
 
 def _json_targets(t: Targets | None):
@@ -83,6 +89,11 @@ def _matches(name: str, t: Targets) -> bool:
         if any(c in pat for c in "*?[") and fnmatch.fnmatchcase(name, pat):
             return True
     return False
+
+
+def select_modules(names: Iterable[str], patterns: Targets) -> list[str]:
+    """Module names matching ``patterns`` (suffix list or regex), e.g. ``spec.trainable``."""
+    return [n for n in names if n and _matches(n, patterns)]
 
 
 def select_sites(names: Iterable[str], spec: AdapterSpec, head: set[str]) -> list[str]:

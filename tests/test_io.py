@@ -180,3 +180,34 @@ def test_peft_unsupported_option(tmp_path):
     with pytest.raises(pc.AdapterError, match="use_rslora"):
         pc.load_peft_adapter(m, tmp_path)
     assert_unchanged(m, snap)
+
+
+def test_trainable_modules_train_and_round_trip(tmp_path):
+    """spec.trainable keeps a module (here the LM head) trainable; it is saved with the adapter."""
+    torch.manual_seed(0)
+    m = tiny_llama().eval()
+    spec = pc.AdapterSpec(pc.LoRA(r=4, alpha=8), targets=["q_proj"], trainable=["lm_head"])
+    pc.adapt(m, spec)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "lm_head.weight" in trainable and all("peftcompile" in n or n == "lm_head.weight" for n in trainable)
+    m(input_ids=ids(), labels=ids()).loss.backward()
+    assert m.lm_head.weight.grad is not None
+    randomize_adapters_(m)  # adapters and the head
+    y = logits(m, ids())
+    pc.save_adapters(m, tmp_path)
+    torch.manual_seed(0)
+    fresh = tiny_llama().eval()
+    pc.load_adapters(fresh, tmp_path)
+    assert torch.equal(logits(fresh, ids()), y)
+    assert fresh.lm_head.weight.requires_grad and pc.adapters_of(fresh)["default"].trainable == ("lm_head",)
+    # a second adapt keeps the head trainable (it re-freezes only the base)
+    pc.adapt(fresh, pc.AdapterSpec(pc.LoRA(r=2), targets=["v_proj"]), name="b")
+    assert fresh.lm_head.weight.requires_grad
+
+
+def test_trainable_matching_nothing_is_an_error():
+    m = tiny_llama()
+    snap = snapshot(m)
+    with pytest.raises(pc.AdapterError, match="trainable=\\('classifier',\\) matched no module"):
+        pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["q_proj"], trainable=["classifier"]))
+    assert_unchanged(m, snap)
