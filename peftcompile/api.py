@@ -8,6 +8,7 @@ leaves the model exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -164,8 +165,6 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     group_of: dict[str, tuple[SharedTensors, int]] = {}
     for key, members in groups.items():
         if len(members) == 1:
-            import warnings
-
             warnings.warn(
                 f"{spec.method.name}: group {key!r} has a single site ({members[0].name}); sharing needs >= 2 "
                 f"layers, so it gets an unshared adapter (its pool has just its own k ranks)",

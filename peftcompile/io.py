@@ -24,28 +24,35 @@ from .passes.capture import capture
 from .passes.match import match
 from .spec import AdapterSpec, select_modules
 
-__all__ = ["save_adapters", "load_adapters", "load_peft_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_adapters", "load_adapters", "load_peft_adapter", "adapter_state", "tensor_mismatch",
+           "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "peftcompile/1"
 
 
-def _adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    tensors, sites, groups = {}, {}, {}
+def adapter_state(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Key -> parameter of adapter ``name``, keyed as save_adapters writes them:
+    ``<site>.<param>`` and ``shared.<group>.<param>`` (a group's tensors once)."""
+    out: dict[str, nn.Parameter] = {}
     for _, _, cont in site_adapters(model):
-        if name not in cont:
-            continue
-        a = cont[name]
-        sites[cont.site] = [a.in_features, a.out_features]
-        for p, t in a._parameters.items():
-            tensors[f"{cont.site}.{p}"] = t
+        if name in cont:
+            out.update({f"{cont.site}.{p}": t for p, t in cont[name]._parameters.items()})
     shared = getattr(model, SHARED_ATTR, None)
     if shared is not None and name in shared:
         for sh in shared[name].values():
-            groups[sh.group] = list(sh.members)
-            for p, t in sh._parameters.items():
-                tensors[f"shared.{sh.group}.{p}"] = t
+            out.update({f"shared.{sh.group}.{p}": t for p, t in sh._parameters.items()})
+    return out
+
+
+def _adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(tensors to save incl. trainable modules, {site: [in, out]}, {group: members}) of one adapter."""
+    sites = {c.site: [c[name].in_features, c[name].out_features] for _, _, c in site_adapters(model) if name in c}
+    shared = getattr(model, SHARED_ATTR, None)
+    groups = ({sh.group: list(sh.members) for sh in shared[name].values()}
+              if shared is not None and name in shared else {})
+    tensors: dict[str, torch.Tensor] = dict(adapter_state(model, name))
     st = _state(model)
     tensors.update(_trainable_tensors(model, st.specs[name].trainable if st and name in st.specs else None))
     return tensors, sites, groups

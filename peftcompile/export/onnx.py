@@ -49,7 +49,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim
 
-from ..api import SHARED_ATTR, AdapterError, _state, merge_and_unload, site_adapters
+from ..api import AdapterError, _state, merge_and_unload, site_adapters
+from ..io import adapter_state
 from ..methods import method_for
 
 __all__ = [
@@ -241,19 +242,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, tuple[str, nn.Para
     ``shared.<group>.<param>``.
     """
     path_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    out: dict[str, tuple[str, nn.Parameter, str]] = {}
-    for _, _, cont in site_adapters(model):
-        if name not in cont:
-            continue
-        a = cont[name]
-        for p, t in a._parameters.items():
-            out[f"{cont.site}.{p}"] = (path_of[id(t)], t, a.cfg.name)
-    shared = getattr(model, SHARED_ATTR, None)
-    if shared is not None and name in shared:
-        for sh in shared[name].values():
-            for p, t in sh._parameters.items():
-                out[f"shared.{sh.group}.{p}"] = (path_of[id(t)], t, sh.cfg.name)
-    return out
+    method = _state(model).specs[name].method.name
+    return {k: (path_of[id(t)], t, method) for k, t in adapter_state(model, name).items()}
 
 
 def _pick_adapter(model: nn.Module, adapter: str | None) -> str:
