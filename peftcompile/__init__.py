@@ -6,8 +6,8 @@
 
 from .methods import GraLoRA, LoRA, RaSA
 from .spec import AdapterSpec, Placement
+from .errors import AdapterError
 from .api import (
-    AdapterError,
     adapt,
     adapters_of,
     disabled,
@@ -21,6 +21,18 @@ from .io import load_adapters, load_peft_adapter, save_adapters
 from . import backend  # noqa: E402,F401  registers torch.compile(backend="peftcompile")
 
 __version__ = "0.1.0"
+
+#: Subpackages reachable as attributes (``pc.export.to_onnx``) without importing their heavy
+#: dependencies (onnxruntime, matplotlib) with ``import peftcompile``.
+_LAZY = ("export", "diffora", "state", "methods", "kernels")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'peftcompile' has no attribute {name!r}")
 
 __all__ = [
     "LoRA",

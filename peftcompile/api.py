@@ -16,12 +16,15 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .methods import method_for
-from .modules import SharedTensors, SiteAdapter, SiteAdapters
+from .errors import AdapterError
+from .methods import Method, method_for
+from .modules import SharedTensors, SiteAdapter, SiteAdapterSet
 from .passes.capture import capture
 from .passes.match import Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
 from .spec import AdapterSpec, Placement, select_modules, select_sites
+from .state import (SHARED_ATTR, STATE_ATTR, ModelState, freeze_base_, require_state, site_adapters, state_of,
+                    trainable_modules)
 
 __all__ = [
     "adapt",
@@ -34,41 +37,15 @@ __all__ = [
     "AdapterError",
     "adapters_of",
     "site_adapters",
+    "trainable_modules",
+    "SHARED_ATTR",
+    "STATE_ATTR",
 ]
-
-SHARED_ATTR = "peftcompile_shared"
-STATE_ATTR = "_peftcompile_state"
-
-
-class AdapterError(ValueError):
-    """Bad spec, bad model or bad adapter file; the model is left unchanged."""
-
-
-@dataclass
-class _State:
-    """What adapt() remembers on the model (plain data: deep-copies and pickles)."""
-
-    specs: dict[str, AdapterSpec] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
-    units: set[str] = field(default_factory=set)
-    requires_grad: dict[str, bool] = field(default_factory=dict)
-
-
-def _state(model: nn.Module) -> _State | None:
-    return model.__dict__.get(STATE_ATTR)
-
-
-def site_adapters(model: nn.Module) -> Iterator[tuple[nn.Module, str, SiteAdapters]]:
-    """(host module, attribute, SiteAdapters) for every adapted site."""
-    for host in model.modules():
-        for attr, child in host.named_children():
-            if isinstance(child, SiteAdapters):
-                yield host, attr, child
 
 
 def adapters_of(model: nn.Module) -> dict[str, AdapterSpec]:
     """Adapter name -> spec for an adapted model ({} if none)."""
-    st = _state(model)
+    st = state_of(model)
     return dict(st.specs) if st else {}
 
 
@@ -90,28 +67,36 @@ def _error_no_sites(spec: AdapterSpec, available: Sequence[str], failures: dict[
     return AdapterError(msg + ". Fix: pass target names from that list (suffixes, a regex or 'all-linear').")
 
 
-def _groups(method, sites: list[Site]) -> dict[str, list[Site]]:
+def _groups(method: Method, sites: list[Site]) -> dict[str, list[Site]]:
     g: dict[str, list[Site]] = defaultdict(list)
     for s in sites:
         g[method.group_key(s.name)].append(s)
     return g
 
 
-def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
-          placement: Placement | None = None) -> nn.Module:
-    """Rewrite the chosen linear sites of ``model`` into ``base(x) + delta(x)``.
+@dataclass
+class AdaptPlan:
+    """Everything ``adapt`` will attach, built and checked without touching the model."""
 
-    Returns the same object (an HF model stays an HF model). Base parameters are
-    frozen, the new adapter is trainable and becomes the active one. Calling again
-    with another ``name`` adds a second adapter. ``placement`` (or
-    ``spec.with_placement``) restricts to decided sites and warm-starts from its weights.
-    """
+    name: str
+    spec: AdapterSpec
+    sites: dict[str, Site]  # chosen site name -> its first occurrence
+    all_sites: list[Site]  # every site of the model (a unit's graph is rewritten with all its sites)
+    occurrences: dict[str, list[Site]]  # site name -> every call of it
+    adapters: dict[str, SiteAdapter]
+    shared: dict[str, SharedTensors]
+
+
+def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
+               placement: Placement | None = None) -> AdaptPlan:
+    """Capture, match, select, validate and build the new adapter modules (pure: the model
+    is only read). Raises :class:`AdapterError` for anything ``adapt`` could not honour."""
     if not isinstance(spec, AdapterSpec):
         raise TypeError(f"spec must be a peftcompile.AdapterSpec, got {type(spec).__name__}")
     if placement is not None:
         spec = spec.with_placement(placement)
     placement = spec.placement
-    st = _state(model)
+    st = state_of(model)
     if not isinstance(name, str) or not name or "." in name:
         raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if st and name in st.specs:
@@ -121,7 +106,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
         )
     method = method_for(spec.method)
 
-    # capture + match (read-only)
+    # capture + match
     cap = capture(model)
     all_sites = match(cap)
     by_name: dict[str, list[Site]] = defaultdict(list)
@@ -135,7 +120,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
         if missing:
             raise AdapterError(f"placement names sites this model does not have: {missing}")
 
-    # validate every chosen site before touching anything
+    # validate every chosen site
     first = {n: by_name[n][0] for n in chosen}
     problems = []
     for n, s in first.items():
@@ -160,7 +145,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
             f"(suffixes such as 'classifier', or a regex), e.g. from model.named_modules()"
         )
 
-    # build the new modules (still nothing attached)
+    # build the new modules (detached from the model)
     shared: dict[str, SharedTensors] = {}
     group_of: dict[str, tuple[SharedTensors, int]] = {}
     for key, members in groups.items():
@@ -168,7 +153,7 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
             warnings.warn(
                 f"{spec.method.name}: group {key!r} has a single site ({members[0].name}); sharing needs >= 2 "
                 f"layers, so it gets an unshared adapter (its pool has just its own k ranks)",
-                stacklevel=2,
+                stacklevel=3,
             )
         w = members[0].weight(model)
         sh = SharedTensors(spec.method, key, members[0].in_features, members[0].out_features,
@@ -183,42 +168,62 @@ def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
         new[n] = SiteAdapter(spec.method, n, name, s.in_features, s.out_features, w.dtype, w.device, sh, nm)
     if placement is not None:
         _warm_start(new, shared, placement)
+    return AdaptPlan(name, spec, first, all_sites, dict(by_name), new, shared)
 
-    # mutate: attach, rewrite, freeze, activate
+
+def apply_plan_(model: nn.Module, plan: AdaptPlan) -> nn.Module:
+    """Attach a plan's modules, rewrite the units that gain a site, freeze, activate (the
+    only step of ``adapt`` that changes the model)."""
+    st = state_of(model)
     if st is None:
-        st = _State(requires_grad={k: p.requires_grad for k, p in model.named_parameters()})
+        st = ModelState(requires_grad={k: p.requires_grad for k, p in model.named_parameters()})
         model.__dict__[STATE_ATTR] = st
+    name = plan.name
     fresh_units: set[str] = set()  # units whose graphs gain a site: only those are rewritten
-    for n, s in first.items():
+    for n, s in plan.sites.items():
         host = model.get_submodule(s.host_path)
         cont = getattr(host, s.host_attr, None)
-        if not isinstance(cont, SiteAdapters):
-            cont = SiteAdapters(n, s.kind, s.weight_attr, s.in_features, s.out_features)
+        if not isinstance(cont, SiteAdapterSet):
+            cont = SiteAdapterSet(n, s.kind, s.weight_attr, s.in_features, s.out_features)
             host.add_module(s.host_attr, cont)
-            fresh_units |= {x.unit.path for x in by_name[n]}
-        cont[name] = new[n]
-    if shared:
+            fresh_units |= {x.unit.path for x in plan.occurrences[n]}
+        cont[name] = plan.adapters[n]
+    if plan.shared:
         root = getattr(model, SHARED_ATTR, None)
         if root is None:
             root = nn.ModuleDict()
             model.add_module(SHARED_ATTR, root)
-        root[name] = nn.ModuleDict({_key(k): v for k, v in shared.items()})
+        root[name] = nn.ModuleDict({_key(k): v for k, v in plan.shared.items()})
     for unit_path in fresh_units:
-        _rewrite(model, unit_path, all_sites)
+        _rewrite(model, unit_path, plan.all_sites)
         st.units.add(unit_path)
-    st.specs[name] = spec
-    _freeze_base_(model)
+    st.specs[name] = plan.spec
+    freeze_base_(model)
     set_active(model, name)
     return model
+
+
+def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
+          placement: Placement | None = None) -> nn.Module:
+    """Rewrite the chosen linear sites of ``model`` into ``base(x) + delta(x)``.
+
+    Returns the same object (an HF model stays an HF model). Base parameters are
+    frozen, the new adapter is trainable and becomes the active one. Calling again
+    with another ``name`` adds a second adapter. ``placement`` (or
+    ``spec.with_placement``) restricts to decided sites and warm-starts from its weights.
+    Plan (:func:`plan_adapt`: everything that can fail) runs before apply, so a bad spec
+    leaves the model exactly as it was.
+    """
+    return apply_plan_(model, plan_adapt(model, spec, name, placement=placement))
 
 
 def _key(group: str) -> str:
     return group.replace(".", "__")
 
 
-def _container(model: nn.Module, s: Site) -> SiteAdapters | None:
+def _container(model: nn.Module, s: Site) -> SiteAdapterSet | None:
     c = getattr(model.get_submodule(s.host_path), s.host_attr, None)
-    return c if isinstance(c, SiteAdapters) else None
+    return c if isinstance(c, SiteAdapterSet) else None
 
 
 def _rewrite(model: nn.Module, unit_path: str, sites: list[Site]) -> None:
@@ -236,16 +241,9 @@ def _warm_start(new: dict[str, SiteAdapter], shared: dict[str, SharedTensors], p
                 getattr(mod, p).copy_(t)
 
 
-def _require(model: nn.Module) -> _State:
-    st = _state(model)
-    if st is None:
-        raise AdapterError(f"{type(model).__name__} has no peftcompile adapters; call peftcompile.adapt first")
-    return st
-
-
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the running (and trainable) adapters; others stay stored, frozen."""
-    st = _require(model)
+    st = require_state(model)
     names = (names,) if isinstance(names, str) else tuple(names)
     unknown = [n for n in names if n not in st.specs]
     if unknown:
@@ -264,7 +262,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block (merged adapters are unmerged meanwhile)."""
-    _require(model)
+    require_state(model)
     merged = [(c, c.merged) for _, _, c in site_adapters(model) if c.merged]
     if merged:
         unmerge(model)
@@ -280,7 +278,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             merge(model)
 
 
-def _delta_for(cont: SiteAdapters, name: str) -> torch.Tensor:
+def _delta_for(cont: SiteAdapterSet, name: str) -> torch.Tensor:
     d = cont[name].delta_weight().to(torch.float32)
     return (d.t() if cont.transposed else d)
 
@@ -288,7 +286,7 @@ def _delta_for(cont: SiteAdapters, name: str) -> torch.Tensor:
 @torch.no_grad()
 def merge(model: nn.Module) -> None:
     """Fold the active adapters into the base weights (their deltas then stop running)."""
-    _require(model)
+    require_state(model)
     for host, _, cont in site_adapters(model):
         w = getattr(host, cont.weight_attr)
         for n in cont.active:
@@ -301,7 +299,7 @@ def merge(model: nn.Module) -> None:
 @torch.no_grad()
 def unmerge(model: nn.Module) -> None:
     """Take merged adapters back out of the base weights."""
-    _require(model)
+    require_state(model)
     for host, _, cont in site_adapters(model):
         w = getattr(host, cont.weight_attr)
         for n in reversed(cont.merged):
@@ -316,7 +314,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     forwards and its original ``requires_grad`` flags, so ``save_pretrained`` writes a
     plain checkpoint.
     """
-    st = _require(model)
+    st = require_state(model)
     merge(model)
     for host, attr, _ in list(site_adapters(model)):
         delattr(host, attr)
@@ -329,32 +327,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             p.requires_grad_(st.requires_grad[k])
     del model.__dict__[STATE_ATTR]
     return model
-
-
-def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules the adapters' specs keep trainable (``AdapterSpec.trainable``), by name."""
-    st = _state(model)
-    names = [n for n, _ in model.named_modules()]
-    out: dict[str, nn.Module] = {}
-    for spec in (st.specs.values() if st else ()):
-        if spec.trainable is not None:
-            out.update({n: model.get_submodule(n) for n in select_modules(names, spec.trainable)})
-    return out
-
-
-def _freeze_base_(model: nn.Module) -> None:
-    """Freeze everything but adapters and the specs' ``trainable`` modules."""
-    adapter_params = {id(p) for _, _, c in site_adapters(model) for p in c.parameters()}
-    shared = getattr(model, SHARED_ATTR, None)
-    if shared is not None:
-        adapter_params |= {id(p) for p in shared.parameters()}
-    for p in model.parameters():
-        if id(p) not in adapter_params:
-            p.requires_grad_(False)
-    for m in trainable_modules(model).values():
-        for p in m.parameters():
-            if id(p) not in adapter_params:
-                p.requires_grad_(True)
 
 
 @dataclass
@@ -389,7 +361,7 @@ class Summary:
 
 def summary(model: nn.Module) -> Summary:
     """Sites adapted (qualified names), parameter counts and trainable % per adapter."""
-    st = _require(model)
+    st = require_state(model)
     sites: dict[str, list[str]] = defaultdict(list)
     info: dict[str, dict] = {}
     for name, spec in st.specs.items():

@@ -41,19 +41,9 @@ __all__ = ["peftcompile_backend", "FUSED_OPS"]
 
 log = logging.getLogger(__name__)
 
-#: The fused ops and their reference math (the decomposition used where no kernel exists).
-FUSED_OPS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
-    torch.ops.peftcompile.lora_linear.default: ops.lora_linear_ref,
-    torch.ops.peftcompile.gralora_linear.default: ops.gralora_linear_ref,
-    torch.ops.peftcompile.lora_linear_backward.default: lambda *a: _bwd_tuple(ops._lora_bwd_ref(*a)),
-    torch.ops.peftcompile.gralora_linear_backward.default: lambda *a: _bwd_tuple(ops._gralora_bwd_ref(*a)),
-}
-
-
-def _bwd_tuple(grads: tuple) -> tuple:
-    """The *_backward ops return empty tensors for absent grads (custom ops return no None)."""
-    ref = grads[1]
-    return tuple(g if g is not None else ref.new_empty(0) for g in grads)
+#: The fused ops and their reference math (the decomposition used where no kernel exists),
+#: as :mod:`peftcompile.kernels.ops` registers them.
+FUSED_OPS: dict[torch._ops.OpOverload, Callable[..., Any]] = dict(ops.REFERENCES)
 
 
 _OPTIONS = {"peftcompile.fuse": True, "peftcompile.decompose": "auto", "peftcompile.compiler": "inductor"}
@@ -114,7 +104,9 @@ class _DecomposedOpsKey(CustomGraphPass):
 
 
 _ROOT = Path(__file__).resolve().parent
-_SOURCES = tuple(str(_ROOT / f) for f in ("backend.py", "kernels/ops.py", "methods/gralora.py", "passes/lower.py"))
+# The decompositions are the reference math: any change to the ops or to the low-rank products
+# they are written with must invalidate inductor's cache.
+_SOURCES = tuple(str(_ROOT / f) for f in ("backend.py", "kernels/ops.py", "methods/lowrank.py", "passes/lower.py"))
 
 
 def peftcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .api import SHARED_ATTR, AdapterError, adapt, adapters_of, set_active, site_adapters
+from .api import adapt, adapters_of, set_active
+from .errors import AdapterError
+from .state import SHARED_ATTR, site_adapters
 from .methods import method_for
 from .modules import SharedTensors, SiteAdapter
 from .passes.placement import BiLevelSearch, LossFn, StepLosses, cycle_batches
@@ -131,7 +133,7 @@ class DiffoRASearch:
 
     @staticmethod
     def _active(model: nn.Module) -> tuple[str, ...]:
-        from .api import _state
+        from .state import state_of as _state
 
         st = _state(model)
         return tuple(st.active) if st else ()

@@ -1,4 +1,5 @@
-"""Adapter checkpoints: our safetensors + JSON format, and PEFT LoRA/GraLoRA checkpoints.
+"""Adapter checkpoints: our safetensors + JSON format, and PEFT checkpoints of the methods
+that declare a PEFT format (:class:`~peftcompile.methods.PeftFormat`).
 
 Directory layout (as PEFT's): ``adapter_model.safetensors`` with keys
 ``<site>.<param>`` (and ``shared.<group>.<param>`` for tensors a group shares, stored
@@ -18,61 +19,37 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import SHARED_ATTR, AdapterError, _require, _state, adapt, site_adapters
-from .methods import GraLoRA, LoRA, MethodConfig, method_for
+from .api import adapt
+from .errors import AdapterError
+from .methods import MethodConfig, method_for, registered_methods
 from .passes.capture import capture
 from .passes.match import match
-from .spec import AdapterSpec, select_modules
+from .spec import AdapterSpec
+from .state import (checkpoint_params, require_state, shared_key, shared_of, site_adapters, site_key, state_of,
+                    trainable_params)
 
-__all__ = ["save_adapters", "load_adapters", "load_peft_adapter", "adapter_state", "tensor_mismatch",
-           "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_adapters", "load_adapters", "load_peft_adapter", "tensor_mismatch", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "peftcompile/1"
 
 
-def adapter_state(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-    """Key -> parameter of adapter ``name``, keyed as save_adapters writes them:
-    ``<site>.<param>`` and ``shared.<group>.<param>`` (a group's tensors once)."""
-    out: dict[str, nn.Parameter] = {}
-    for _, _, cont in site_adapters(model):
-        if name in cont:
-            out.update({f"{cont.site}.{p}": t for p, t in cont[name]._parameters.items()})
-    shared = getattr(model, SHARED_ATTR, None)
-    if shared is not None and name in shared:
-        for sh in shared[name].values():
-            out.update({f"shared.{sh.group}.{p}": t for p, t in sh._parameters.items()})
-    return out
-
-
-def _adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(tensors to save incl. trainable modules, {site: [in, out]}, {group: members}) of one adapter."""
+def _layout(model: nn.Module, name: str) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
+    """({site: [in, out]}, {group: members}) of adapter ``name``, as the config records them."""
     sites = {c.site: [c[name].in_features, c[name].out_features] for _, _, c in site_adapters(model) if name in c}
-    shared = getattr(model, SHARED_ATTR, None)
-    groups = ({sh.group: list(sh.members) for sh in shared[name].values()}
-              if shared is not None and name in shared else {})
-    tensors: dict[str, torch.Tensor] = dict(adapter_state(model, name))
-    st = _state(model)
-    tensors.update(_trainable_tensors(model, st.specs[name].trainable if st and name in st.specs else None))
-    return tensors, sites, groups
-
-
-def _trainable_tensors(model: nn.Module, patterns) -> dict[str, torch.Tensor]:
-    """``trainable.<module>.<param>`` for the modules a spec keeps trainable."""
-    if patterns is None:
-        return {}
-    names = select_modules((n for n, _ in model.named_modules()), patterns)
-    return {f"trainable.{n}.{p}": t for n in names for p, t in model.get_submodule(n).named_parameters()}
+    groups = {g: list(sh.members) for g, sh in shared_of(model, name).items()}
+    return sites, groups
 
 
 def save_adapters(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
     """Write one adapter (default: the active one) to the directory ``path``."""
-    st = _require(model)
+    st = require_state(model)
     name = name or st.active[0]
     if name not in st.specs:
         raise AdapterError(f"no adapter named {name!r}; this model has {sorted(st.specs)}")
-    tensors, sites, groups = _adapter_tensors(model, name)
+    tensors = checkpoint_params(model, name)
+    sites, groups = _layout(model, name)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / WEIGHTS_NAME))
@@ -121,11 +98,11 @@ def _expected(model: nn.Module, cfg: MethodConfig, sites: list[str]) -> tuple[di
         if why:
             raise AdapterError(f"{s}: {why}")
         for p, shp in m.shapes(cfg, site.in_features, site.out_features, n_of.get(s, 1)).items():
-            shapes[f"{s}.{p}"] = tuple(shp)
+            shapes[site_key(s, p)] = tuple(shp)
     for g, mem in groups.items():
         site = by_name[mem[0]]
         for p, shp in m.shared_shapes(cfg, site.in_features, site.out_features, len(mem)).items():
-            shapes[f"shared.{g}.{p}"] = tuple(shp)
+            shapes[shared_key(g, p)] = tuple(shp)
     return shapes, dict(groups)
 
 
@@ -159,9 +136,9 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tup
 def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
              tensors: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     shapes, groups = _expected(model, spec.method, sites)
-    shapes.update({k: tuple(t.shape) for k, t in _trainable_tensors(model, spec.trainable).items()})
+    shapes.update({k: tuple(t.shape) for k, t in trainable_params(model, spec.trainable).items()})
     _check_tensors(tensors, shapes, source)
-    st = _state(model)
+    st = state_of(model)
     if st is not None and name in st.specs:
         have = {c.site for _, _, c in site_adapters(model) if name in c}
         if (st.specs[name].method, st.specs[name].trainable) != (spec.method, spec.trainable) or have != set(sites):
@@ -171,7 +148,7 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
             )
     else:
         adapt(model, AdapterSpec(spec.method, tuple(sites), trainable=spec.trainable), name)
-    own, _, _ = _adapter_tensors(model, name)
+    own = checkpoint_params(model, name)
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(tensors[k])
@@ -201,43 +178,35 @@ def load_adapters(model: nn.Module, path: str | Path, name: str | None = None) -
     return _install(model, name, spec, sites, tensors, str(path))
 
 
-# PEFT checkpoint formats: config reader and key suffix -> our parameter name.
-def _peft_lora(c: dict) -> MethodConfig:
-    return LoRA(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)))
+def _peft_formats() -> dict[str, tuple[str, object]]:
+    """PEFT ``peft_type`` -> (method name, its PeftFormat), from the registry."""
+    return {m.peft.peft_type: (n, m.peft) for n, m in registered_methods().items() if m.peft is not None}
 
 
-def _peft_gralora(c: dict) -> MethodConfig:
-    return GraLoRA(r=int(c["r"]), k=int(c["gralora_k"]), alpha=float(c["alpha"]),
-                   hybrid_r=int(c.get("hybrid_r", 0)), dropout=float(c.get("gralora_dropout", 0.0)))
-
-
-_PEFT_FORMATS: dict[str, tuple[Callable[[dict], MethodConfig], dict[str, str]]] = {
-    "LORA": (_peft_lora, {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}),
-    "GRALORA": (
-        _peft_gralora,
-        {"gralora_A": "gralora_A", "gralora_B": "gralora_B",
-         "gralora_A_general.weight": "gralora_A_hybrid", "gralora_B_general.weight": "gralora_B_hybrid"},
-    ),
-}
-# LoRA options that change the math; loading them as plain LoRA would be silently wrong.
+# PEFT options that change the math; loading them as the plain method would be silently wrong.
 _PEFT_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "default") -> nn.Module:
-    """Load a LoRA or GraLoRA adapter written by PEFT's ``save_pretrained``.
+    """Load an adapter written by PEFT's ``save_pretrained`` (the methods with a PEFT format).
 
     Outputs then equal PEFT's ``PeftModel`` on the same base model and inputs.
     """
     peft_dir = Path(peft_dir)
     c = _read_json(peft_dir / CONFIG_NAME)
     ptype = str(c.get("peft_type", "")).upper()
-    if ptype not in _PEFT_FORMATS:
-        raise AdapterError(f"{peft_dir}: PEFT type {ptype!r} is not supported; supported: {sorted(_PEFT_FORMATS)}")
+    formats = _peft_formats()
+    if ptype not in formats:
+        raise AdapterError(f"{peft_dir}: PEFT type {ptype!r} is not supported; supported: {sorted(formats)}")
     for opt, plain in _PEFT_UNSUPPORTED.items():
         if c.get(opt) not in (None, plain):
             raise AdapterError(f"{peft_dir}: PEFT option {opt}={c[opt]!r} is not supported by peftcompile")
-    make_cfg, suffixes = _PEFT_FORMATS[ptype]
-    cfg = make_cfg(c)
+    fmt = formats[ptype][1]
+    try:
+        cfg = fmt.read_config(c)
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{peft_dir / CONFIG_NAME}: cannot read the {ptype} config ({type(e).__name__}: {e})") from None
+    suffixes = fmt.keys
     raw = _read_safetensors(peft_dir / WEIGHTS_NAME)
     tensors, sites = {}, []
     for key, t in raw.items():
@@ -245,7 +214,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
         for suf, ours in suffixes.items():
             if k.endswith("." + suf):
                 site = k[: -len(suf) - 1]
-                tensors[f"{site}.{ours}"] = t
+                tensors[site_key(site, ours)] = t
                 if site not in sites:
                     sites.append(site)
                 break

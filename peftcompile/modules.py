@@ -1,7 +1,7 @@
 """Run-time adapter modules: what the rewritten graphs call.
 
 A site's host module (the nn.Linear / Conv1D itself, or the module owning an
-``F.linear`` weight) gets one :class:`SiteAdapters` child. It holds one
+``F.linear`` weight) gets one :class:`SiteAdapterSet` child. It holds one
 :class:`SiteAdapter` per named adapter and the switches read at run time (active,
 merged, disabled), so switching adapters never retraces the fx graph.
 """
@@ -16,7 +16,7 @@ from torch import nn
 
 from .methods import MethodConfig, method_for
 
-__all__ = ["SiteAdapter", "SiteAdapters", "SharedTensors", "ANNOTATION_KEY", "ROLE_KEY"]
+__all__ = ["SiteAdapter", "SiteAdapterSet", "SharedTensors", "ANNOTATION_KEY", "ROLE_KEY"]
 
 #: Keys of the ``torch.fx.traceback.annotate`` dicts that mark adapter nodes. They
 #: survive dynamo and aot_autograd (``node.meta["custom"]``), so the backend finds each
@@ -87,7 +87,7 @@ class SiteAdapter(nn.Module):
         return f"{self.cfg!r}, site={self.site!r}"
 
 
-class SiteAdapters(nn.ModuleDict):
+class SiteAdapterSet(nn.ModuleDict):
     """All adapters of one site: y = base(x) + sum of the active, unmerged deltas."""
 
     def __init__(self, site: str, kind: str, weight_attr: str, in_f: int, out_f: int) -> None:

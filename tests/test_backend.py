@@ -137,8 +137,8 @@ def test_fused_op_is_in_the_compiled_graph():
     model = _adapted("gpt2", pc.GraLoRA(r=4, k=2, hybrid_r=2), targets=["c_attn"])
     torch.compile(model, backend=spy)(_ids())
     targets = seen[0]
-    assert targets.count(torch.ops.peftcompile.gralora_linear.default) == 1
-    assert torch.addmm not in targets[:targets.index(torch.ops.peftcompile.gralora_linear.default)]
+    assert targets.count(torch.ops.peftcompile.block_lowrank_linear.default) == 1
+    assert torch.addmm not in targets[:targets.index(torch.ops.peftcompile.block_lowrank_linear.default)]
     assert torch.einsum not in targets  # the delta's einsums are gone
 
 

@@ -15,7 +15,7 @@ import peftcompile as pc
 from peftcompile.api import SHARED_ATTR, STATE_ATTR, site_adapters
 from peftcompile.diffora import DiffoRASearch, gate_grid, n_kept, parse_site, search
 from peftcompile.methods import method_for
-from peftcompile.modules import SiteAdapters
+from peftcompile.modules import SiteAdapterSet
 
 from conftest import MLP, VOCAB, tiny_llama
 
@@ -122,7 +122,7 @@ def test_search_leaves_user_model_and_rng_alone():
     assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
     assert {k: p.requires_grad for k, p in base.named_parameters()} == flags
     assert STATE_ATTR not in base.__dict__ and not hasattr(base, SHARED_ATTR)
-    assert not any(isinstance(m, SiteAdapters) for m in base.modules())
+    assert not any(isinstance(m, SiteAdapterSet) for m in base.modules())
     assert base.__dict__.get("forward") is forward
 
 

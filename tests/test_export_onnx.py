@@ -29,11 +29,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftcompile as pc
+from peftcompile.state import adapter_params
 from peftcompile.export import (
     OnnxExport,
     OnnxExportError,
     OrtAdapterSession,
-    adapter_tensors,
     read_metadata,
     to_onnx,
     write_ort_adapter,
@@ -149,7 +149,7 @@ def get_case(method: str, family: str, tmp_path_factory) -> Case:
         merged = to_onnx(model, make(2, 7), root / "merged.onnx", merged=True, dynamic_axes=axes)
         other_dir = pc.save_adapters(other, root / "other_adapter")
         other_ort = write_ort_adapter(
-            root / "other.onnx_adapter", {k: t for k, (_, t, _) in adapter_tensors(other, "default").items()}
+            root / "other.onnx_adapter", dict(adapter_params(other, "default"))
         )
         _CASES[key] = Case(method, family, dynamic, model, other, check, torch_out(model, check), torch_out(other, check),
                            ref_base, state_before, unmerged, merged, base_exp, other_dir, other_ort)
@@ -196,7 +196,7 @@ def test_unbound_file_runs_as_base_model(case: Case):
     inits = {t.name: tuple(t.dims) for t in onnx.load(str(case.unmerged.path)).graph.initializer}
     for name, a in case.unmerged.adapter_inputs.items():
         assert inits[name] == a.default_shape, name
-        if case.method == "gralora":  # zero-valued, full shape (see ZERO_RANK_BY_DEFAULT)
+        if case.method == "gralora":  # zero-valued, full shape (the registry entry has zero_rank_default=False)
             assert a.default_shape == a.shape
         else:  # zero rank
             assert 0 in a.default_shape and a.default_shape != a.shape
@@ -252,7 +252,7 @@ def test_adapter_inputs_have_stable_names(case: Case):
     assert meta["specs"]["default"]["method"]["method"] == case.method
     side = load_file(str(case.unmerged.sidecar))
     for k, t in side.items():
-        assert torch.equal(t, adapter_tensors(case.model, "default")[k][1].detach())
+        assert torch.equal(t, adapter_params(case.model, "default")[k].detach())
 
 
 def test_export_leaves_the_model_unchanged(case: Case):
@@ -314,7 +314,7 @@ def test_bind_adapter_of_wrong_rank_fails_before_running(mlp_case: Case):
     wrong = copy.deepcopy(base_model("mlp"))
     pc.adapt(wrong, pc.AdapterSpec(pc.LoRA(r=8, alpha=16.0)))
     sess = OrtAdapterSession(mlp_case.unmerged.path)
-    tensors = {k: t for k, (_, t, _) in adapter_tensors(wrong, "default").items()}
+    tensors = dict(adapter_params(wrong, "default"))
     with pytest.raises(pc.AdapterError, match=r"shape mismatch: fc1\.lora_A: \(8, 16\) vs graph \(4, 16\)"):
         sess.bind(tensors)
     with pytest.raises(pc.AdapterError, match="exported for"):  # the model records its spec
@@ -338,7 +338,7 @@ def test_bind_adapter_of_other_spec_with_same_shapes_fails(mlp_case: Case, tmp_p
 
 def test_bind_missing_or_unknown_tensors_fails(mlp_case: Case):
     sess = OrtAdapterSession(mlp_case.unmerged.path)
-    good = {k: t for k, (_, t, _) in adapter_tensors(mlp_case.model, "default").items()}
+    good = dict(adapter_params(mlp_case.model, "default"))
     bad = dict(good)
     bad.pop("fc2.lora_B")
     bad["fc3.lora_A"] = torch.zeros(4, 16)
@@ -351,7 +351,7 @@ def test_bind_missing_or_unknown_tensors_fails(mlp_case: Case):
 
 def test_bfloat16_adapter_file_is_checked_by_dtype(mlp_case: Case, tmp_path):
     """.onnx_adapter carries bfloat16 (numpy cannot); a float32 graph refuses it before running."""
-    good = {k: t.detach() for k, (_, t, _) in adapter_tensors(mlp_case.model, "default").items()}
+    good = {k: t.detach() for k, t in adapter_params(mlp_case.model, "default").items()}
     file = write_ort_adapter(tmp_path / "bf16.onnx_adapter", {k: t.to(torch.bfloat16) for k, t in good.items()})
     params = ort.AdapterFormat.read_adapter(str(file)).get_parameters()
     assert {k: (tuple(v.shape()), v.data_type()) for k, v in params.items()} == {

@@ -43,8 +43,8 @@ def _worker(all_configs: bool) -> None:
     from triton.compiler import ASTSource
 
     from peftcompile.kernels import triton_gemm as tg
-    from peftcompile.kernels.gralora_triton import gralora_linear_bwd_triton, gralora_linear_fwd_triton
-    from peftcompile.kernels.lora_triton import lora_linear_bwd_triton, lora_linear_fwd_triton
+    from peftcompile.kernels.triton_block_lowrank_linear import block_lowrank_bwd_triton, block_lowrank_fwd_triton
+    from peftcompile.kernels.triton_lowrank_linear import lowrank_bwd_triton, lowrank_fwd_triton
 
     launches = []
 
@@ -62,15 +62,15 @@ def _worker(all_configs: bool) -> None:
     for out in (2048, 8192):
         W, b, dy = t(out, IN), t(out), t(M, out)
         tag = f"lora out={out}"
-        lora_linear_fwd_triton(x, W, b, t(r, IN), t(out, r), t(r), 1.0)
-        lora_linear_bwd_triton(dy, x, W, t(r, IN), t(out, r), t(r), 1.0)
-        lora_linear_bwd_triton(dy, x, W, t(r, IN), t(out, r), t(r), 1.0, config={"fuse_db": False})
+        lowrank_fwd_triton(x, W, b, t(r, IN), t(out, r), t(r), 1.0)
+        lowrank_bwd_triton(dy, x, W, t(r, IN), t(out, r), t(r), 1.0)
+        lowrank_bwd_triton(dy, x, W, t(r, IN), t(out, r), t(r), 1.0, config={"fuse_db": False})
         tag = f"gralora+hybrid out={out} (Conv1D weight view)"
         Wt = t(IN, out).t()
         A, B, Ah, Bh = t(k, IN // k, r), t(k, r, out // k), t(h, IN), t(out, h)
-        gralora_linear_fwd_triton(x, Wt, b, A, B, Ah, Bh, k, 0.5)
-        gralora_linear_bwd_triton(dy, x, Wt, A, B, Ah, Bh, k, 0.5)
-        gralora_linear_bwd_triton(dy, x, Wt, A, B, Ah, Bh, k, 0.5, config={"fuse_db": False})
+        block_lowrank_fwd_triton(x, Wt, b, A, B, Ah, Bh, k, 0.5)
+        block_lowrank_bwd_triton(dy, x, Wt, A, B, Ah, Bh, k, 0.5)
+        block_lowrank_bwd_triton(dy, x, Wt, A, B, Ah, Bh, k, 0.5, config={"fuse_db": False})
 
     tl_names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

@@ -26,12 +26,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before triton 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from peftcompile.kernels import ops, triton_cuda  # noqa: E402
-from peftcompile.kernels.gralora_triton import (  # noqa: E402
-    gralora_linear_bwd_triton,
-    gralora_linear_fwd_triton,
+from peftcompile.kernels import ops, dispatch_cuda  # noqa: E402
+from peftcompile.kernels.triton_block_lowrank_linear import (  # noqa: E402
+    block_lowrank_bwd_triton,
+    block_lowrank_fwd_triton,
 )
-from peftcompile.kernels.lora_triton import lora_linear_bwd_triton, lora_linear_fwd_triton  # noqa: E402
+from peftcompile.kernels.triton_lowrank_linear import lowrank_bwd_triton, lowrank_fwd_triton  # noqa: E402
 
 F64 = torch.float64
 LOW_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -86,9 +86,9 @@ def run_lora(lead, d_in, d_out, r, *, use_d, bias, transposed, strided=False, dt
     D = (torch.rand(r, dtype=F64) + 0.5).to(dtype) if use_d else None
     dy = _x(lead, d_out, strided, dtype)
 
-    y = lora_linear_fwd_triton(x, W, b, A, B, D, scaling, config=config)
-    dx, dA, dB, dD = lora_linear_bwd_triton(dy, x, W, A, B, D, scaling, config=config)
-    y_ref, g = _autograd(ops.lora_linear_ref, dict(x=x, weight=W, bias=b, A=A, B=B, D=D), dy, (scaling,))
+    y = lowrank_fwd_triton(x, W, b, A, B, D, scaling, config=config)
+    dx, dA, dB, dD = lowrank_bwd_triton(dy, x, W, A, B, D, scaling, config=config)
+    y_ref, g = _autograd(ops.lowrank_linear_ref, dict(x=x, weight=W, bias=b, A=A, B=B, D=D), dy, (scaling,))
     _check("y", y, y_ref, dtype)
     _check("dx", dx, g["x"], dtype)
     _check("dA", dA, g["A"], dtype)
@@ -110,9 +110,9 @@ def run_gralora(lead, d_in, d_out, r, k, h, *, bias, transposed, strided=False, 
     B_h = (torch.randn(d_out, h, dtype=F64) / h**0.5).to(dtype) if h else None
     dy = _x(lead, d_out, strided, dtype)
 
-    y = gralora_linear_fwd_triton(x, W, b, A, B, A_h, B_h, k, scaling, config=config)
-    dx, dA, dB, dA_h, dB_h = gralora_linear_bwd_triton(dy, x, W, A, B, A_h, B_h, k, scaling, config=config)
-    y_ref, g = _autograd(ops.gralora_linear_ref, dict(x=x, weight=W, bias=b, A=A, B=B, A_h=A_h, B_h=B_h),
+    y = block_lowrank_fwd_triton(x, W, b, A, B, A_h, B_h, k, scaling, config=config)
+    dx, dA, dB, dA_h, dB_h = block_lowrank_bwd_triton(dy, x, W, A, B, A_h, B_h, k, scaling, config=config)
+    y_ref, g = _autograd(ops.block_lowrank_linear_ref, dict(x=x, weight=W, bias=b, A=A, B=B, A_h=A_h, B_h=B_h),
                          dy, (k, scaling))
     _check("y", y, y_ref, dtype)
     _check("dx", dx, g["x"], dtype)
@@ -260,8 +260,8 @@ def test_gralora_property(shape, h, bias, transposed, strided):
 def test_no_tokens():
     x, W = torch.randn(0, 8), torch.randn(12, 8)
     A, B = torch.randn(2, 4, 4), torch.randn(2, 4, 6)
-    y = gralora_linear_fwd_triton(x, W, None, A, B, None, None, 2, 1.0)
-    dx, dA, dB, _, _ = gralora_linear_bwd_triton(torch.randn(0, 12), x, W, A, B, None, None, 2, 1.0)
+    y = block_lowrank_fwd_triton(x, W, None, A, B, None, None, 2, 1.0)
+    dx, dA, dB, _, _ = block_lowrank_bwd_triton(torch.randn(0, 12), x, W, A, B, None, None, 2, 1.0)
     assert y.shape == (0, 12) and dx.shape == (0, 8)
     assert torch.equal(dA, torch.zeros_like(A)) and torch.equal(dB, torch.zeros_like(B))
 
@@ -269,21 +269,21 @@ def test_no_tokens():
 def test_bad_inputs_are_named():
     x, W = torch.randn(4, 8), torch.randn(12, 8)
     with pytest.raises(TypeError, match="A is torch.float64"):
-        lora_linear_fwd_triton(x, W, None, torch.randn(2, 8, dtype=F64), torch.randn(12, 2), None, 1.0)
+        lowrank_fwd_triton(x, W, None, torch.randn(2, 8, dtype=F64), torch.randn(12, 2), None, 1.0)
     with pytest.raises(ValueError, match="k=3 must divide"):
-        gralora_linear_fwd_triton(x, W, None, torch.randn(3, 2, 3), torch.randn(3, 3, 4), None, None, 3, 1.0)
+        block_lowrank_fwd_triton(x, W, None, torch.randn(3, 2, 3), torch.randn(3, 3, 4), None, None, 3, 1.0)
     with pytest.raises(ValueError, match=r"A \[r, in\] and B \[out, r\]"):
-        lora_linear_fwd_triton(x, W, None, torch.randn(2, 8), torch.randn(2, 12), None, 1.0)
+        lowrank_fwd_triton(x, W, None, torch.randn(2, 8), torch.randn(2, 12), None, 1.0)
     with pytest.raises(ValueError, match=r"dy is \(4, 5\), expected \(4, 12\)"):
-        lora_linear_bwd_triton(torch.randn(4, 5), x, W, torch.randn(2, 8), torch.randn(12, 2), None, 1.0)
+        lowrank_bwd_triton(torch.randn(4, 5), x, W, torch.randn(2, 8), torch.randn(12, 2), None, 1.0)
     with pytest.raises(TypeError, match="float64 is not supported"):
-        lora_linear_fwd_triton(x.double(), W.double(), None, torch.randn(2, 8).double(),
+        lowrank_fwd_triton(x.double(), W.double(), None, torch.randn(2, 8).double(),
                                torch.randn(12, 2).double(), None, 1.0)
 
 
 # ---------------------------------------------------------------------------- CUDA registration
 def test_cuda_kernels_registered():
-    for op in ("lora_linear", "lora_linear_backward", "gralora_linear", "gralora_linear_backward"):
+    for op in ("lowrank_linear", "lowrank_linear_backward", "block_lowrank_linear", "block_lowrank_linear_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"peftcompile::{op}", "CUDA"), op
 
 
@@ -292,18 +292,18 @@ def test_cuda_entry_points_match_reference():
     x, W, b = torch.randn(2, 9, 16), torch.randn(16, 24).t(), torch.randn(24)  # W: Conv1D-style view
     A, B, D = torch.randn(4, 16), torch.randn(24, 4), torch.rand(4)
     dy = torch.randn(2, 9, 24)
-    assert triton_cuda.use_triton(x, W, b, A, B, D)
-    torch.testing.assert_close(triton_cuda.lora_linear_cuda(x, W, b, A, B, D, 0.5),
-                               ops.lora_linear_ref(x, W, b, A, B, D, 0.5), atol=1e-4, rtol=1e-4)
-    for got, ref in zip(triton_cuda.lora_linear_backward_cuda(dy, x, W, A, B, None, 0.5),
-                        ops.lora_linear_backward(dy, x, W, A, B, None, 0.5)):
+    assert dispatch_cuda.use_triton(x, W, b, A, B, D)
+    torch.testing.assert_close(dispatch_cuda.lowrank_linear_cuda(x, W, b, A, B, D, 0.5),
+                               ops.lowrank_linear_ref(x, W, b, A, B, D, 0.5), atol=1e-4, rtol=1e-4)
+    for got, ref in zip(dispatch_cuda.lowrank_linear_backward_cuda(dy, x, W, A, B, None, 0.5),
+                        ops.lowrank_linear_backward(dy, x, W, A, B, None, 0.5)):
         assert got.shape == ref.shape  # dD: empty tensor when D is None
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     Ag, Bg, Ah, Bh = torch.randn(2, 8, 4), torch.randn(2, 4, 12), torch.randn(3, 16), torch.randn(24, 3)
-    torch.testing.assert_close(triton_cuda.gralora_linear_cuda(x, W, b, Ag, Bg, Ah, Bh, 2, 0.5),
-                               ops.gralora_linear_ref(x, W, b, Ag, Bg, Ah, Bh, 2, 0.5), atol=1e-4, rtol=1e-4)
-    for got, ref in zip(triton_cuda.gralora_linear_backward_cuda(dy, x, W, Ag, Bg, None, None, 2, 0.5),
-                        ops.gralora_linear_backward(dy, x, W, Ag, Bg, None, None, 2, 0.5)):
+    torch.testing.assert_close(dispatch_cuda.block_lowrank_linear_cuda(x, W, b, Ag, Bg, Ah, Bh, 2, 0.5),
+                               ops.block_lowrank_linear_ref(x, W, b, Ag, Bg, Ah, Bh, 2, 0.5), atol=1e-4, rtol=1e-4)
+    for got, ref in zip(dispatch_cuda.block_lowrank_linear_backward_cuda(dy, x, W, Ag, Bg, None, None, 2, 0.5),
+                        ops.block_lowrank_linear_backward(dy, x, W, Ag, Bg, None, None, 2, 0.5)):
         assert got.shape == ref.shape
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
@@ -311,20 +311,20 @@ def test_cuda_entry_points_match_reference():
 def test_reference_fallbacks():
     x, W = torch.randn(4, 8), torch.randn(6, 8)
     A, B = torch.randn(2, 8), torch.randn(6, 2)
-    assert not triton_cuda.use_triton(x, W, None, A.double(), B, None)  # mixed dtypes
-    assert not triton_cuda.use_triton(x[:0], W, None, A, B, None)  # no tokens
-    assert not triton_cuda.use_triton(x.double(), W.double(), None, A.double(), B.double(), None)
+    assert not dispatch_cuda.use_triton(x, W, None, A.double(), B, None)  # mixed dtypes
+    assert not dispatch_cuda.use_triton(x[:0], W, None, A, B, None)  # no tokens
+    assert not dispatch_cuda.use_triton(x.double(), W.double(), None, A.double(), B.double(), None)
     # a hybrid rank beyond the dY pass's accumulator: reference math, same results
     Ag, Bg, Ah, Bh = torch.randn(2, 4, 2), torch.randn(2, 2, 3), torch.randn(130, 8), torch.randn(6, 130)
     dy = torch.randn(4, 6)
-    for got, ref in zip(triton_cuda.gralora_linear_backward_cuda(dy, x, W, Ag, Bg, Ah, Bh, 2, 0.1),
-                        ops._gralora_bwd_ref(dy, x, W, Ag, Bg, Ah, Bh, 2, 0.1)):
+    for got, ref in zip(dispatch_cuda.block_lowrank_linear_backward_cuda(dy, x, W, Ag, Bg, Ah, Bh, 2, 0.1),
+                        ops.block_lowrank_linear_bwd_ref(dy, x, W, Ag, Bg, Ah, Bh, 2, 0.1)):
         torch.testing.assert_close(got, ref)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert not triton_cuda.use_triton(x, W, None, A, B, None)  # atomics are not deterministic
-        torch.testing.assert_close(triton_cuda.lora_linear_cuda(x, W, None, A, B, None, 2.0),
-                                   ops.lora_linear_ref(x, W, None, A, B, None, 2.0))
+        assert not dispatch_cuda.use_triton(x, W, None, A, B, None)  # atomics are not deterministic
+        torch.testing.assert_close(dispatch_cuda.lowrank_linear_cuda(x, W, None, A, B, None, 2.0),
+                                   ops.lowrank_linear_ref(x, W, None, A, B, None, 2.0))
     finally:
         torch.use_deterministic_algorithms(prev)

@@ -100,7 +100,7 @@ def export_command(
                                               "given")] = False,
 ) -> None:
     """Export a model with its adapter to ONNX (merged or unmerged) and check it with onnxruntime."""
-    from ..api import AdapterError
+    from ..errors import AdapterError
     from .onnx import OnnxExportError
 
     try:

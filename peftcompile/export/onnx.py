@@ -15,7 +15,7 @@ optimize=True)``, i.e. non-strict ``torch.export``, translation, then onnxscript
   Each adapter input also gets an initializer of the same name as its default, so the file
   runs as the base model when no adapter is bound: zero-rank tensors (LoRA A [0, in],
   B [out, 0]; the rank axes are exported symbolic) or zero-valued tensors of full shape
-  (see :data:`RANK_AXES` and :data:`ZERO_RANK_BY_DEFAULT`). Every default is checked
+  (the method's ``rank_axes`` and ``zero_rank_default`` in its registry entry). Every default is checked
   against the method's reference ``delta`` (it must give exactly 0) before it is written.
   Next to ``model.onnx`` go the exported adapter's tensors, keyed by input name:
   ``model.adapter.safetensors`` (the sidecar; the export description is in its metadata)
@@ -49,80 +49,20 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim
 
-from ..api import AdapterError, _state, merge_and_unload, site_adapters
-from ..io import adapter_state
-from ..methods import method_for
+from ..api import merge_and_unload
+from ..errors import AdapterError
+from ..methods import get_method, method_for
+from ..state import adapter_params, shared_key, site_adapters, site_key, state_of
+from .formats import (FORMAT, METADATA_KEY, ORT_ADAPTER_SUFFIX, SIDECAR_SUFFIX, AdapterInput, write_ort_adapter,
+                      write_sidecar)
 
-__all__ = [
-    "to_onnx",
-    "OnnxExport",
-    "AdapterInput",
-    "OnnxExportError",
-    "RANK_AXES",
-    "ZERO_RANK_BY_DEFAULT",
-    "register_rank_axes",
-    "read_metadata",
-    "default_dynamic_axes",
-    "adapter_tensors",
-    "METADATA_KEY",
-    "FORMAT",
-]
-
-METADATA_KEY = "peftcompile"
-FORMAT = "peftcompile-onnx/1"
-SIDECAR_SUFFIX = ".adapter.safetensors"
-ORT_ADAPTER_SUFFIX = ".onnx_adapter"
-
-#: method -> {parameter: axes that carry the adapter's rank}. Setting these axes to 0 gives a
-#: zero-rank adapter whose delta is an empty matmul, i.e. exactly 0 (LoRA: A [0, in],
-#: B [out, 0]; GraLoRA: A [k, in/k, 0], B [k, 0, out/k], hybrid pair [0, in], [out, 0];
-#: RaSA: private and shared ranks 0, so D has length 0). Methods not listed get zero-valued
-#: defaults of full shape.
-RANK_AXES: dict[str, dict[str, tuple[int, ...]]] = {
-    "lora": {"lora_A": (0,), "lora_B": (1,)},
-    "gralora": {"gralora_A": (2,), "gralora_B": (1,), "gralora_A_hybrid": (0,), "gralora_B_hybrid": (1,)},
-    "rasa": {"rasa_A": (0,), "rasa_B": (1,), "rasa_D": (0,), "rasa_A_shared": (0,), "rasa_B_shared": (1,)},
-}
-#: Methods whose ``defaults="auto"`` is zero-rank. LoRA and RaSA are plain matmuls, so a
-#: symbolic rank costs torch.export little. GraLoRA reshapes z to [..., k, k, r/k]; with a
-#: symbolic r, export took 4-5x longer on a tiny Llama (35 s vs 7 s for torch.export,
-#: 2 loaded cores), so it gets zero-valued full-shape defaults (B = 0 makes the delta 0;
-#: the file grows by the adapter's size). ``defaults="zero-rank"`` still gives it zero rank.
-ZERO_RANK_BY_DEFAULT: set[str] = {"lora", "rasa"}
+__all__ = ["to_onnx", "OnnxExport", "OnnxExportError", "default_dynamic_axes"]
 
 Defaults = Literal["auto", "zero-rank", "zeros"]
 
 
-def register_rank_axes(method: str, axes: Mapping[str, Sequence[int]], by_default: bool = True) -> None:
-    """Declare the rank axes of a new method's parameters (enables zero-rank defaults)."""
-    RANK_AXES[method] = {k: tuple(v) for k, v in axes.items()}
-    if by_default:
-        ZERO_RANK_BY_DEFAULT.add(method)
-    else:
-        ZERO_RANK_BY_DEFAULT.discard(method)
-
-
 class OnnxExportError(RuntimeError):
     """The model could not be exported; the message names the op/module and the fix."""
-
-
-@dataclass(frozen=True)
-class AdapterInput:
-    """One adapter tensor as a graph input of an unmerged export."""
-
-    name: str  # graph input name: "<site>.<param>" or "shared.<group>.<param>"
-    shape: tuple[int, ...]  # the exported adapter's shape: what a bound adapter must have
-    default_shape: tuple[int, ...] | None  # shape of the zero default initializer (None: no default)
-    dtype: str  # numpy dtype name
-
-    def to_dict(self) -> dict:
-        dflt = None if self.default_shape is None else list(self.default_shape)
-        return {"shape": list(self.shape), "default_shape": dflt, "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, name: str, d: Mapping) -> "AdapterInput":
-        dflt = d.get("default_shape")
-        return cls(name, tuple(d["shape"]), None if dflt is None else tuple(dflt), str(d["dtype"]))
 
 
 @dataclass
@@ -235,19 +175,14 @@ def _split_inputs(model: nn.Module, example_inputs: Any) -> _Inputs:
 
 # ----------------------------------------------------------------------------- adapters
 
-def adapter_tensors(model: nn.Module, name: str) -> dict[str, tuple[str, nn.Parameter, str]]:
-    """Stable key -> (parameter path in ``model``, parameter, method name) of adapter ``name``.
-
-    Keys are those of :func:`peftcompile.save_adapters`: ``<site>.<param>`` and
-    ``shared.<group>.<param>``.
-    """
+def _adapter_inputs(model: nn.Module, name: str) -> dict[str, tuple[str, nn.Parameter]]:
+    """Graph input name (the checkpoint key) -> (parameter path in ``model``, parameter)."""
     path_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    method = _state(model).specs[name].method.name
-    return {k: (path_of[id(t)], t, method) for k, t in adapter_state(model, name).items()}
+    return {k: (path_of[id(t)], t) for k, t in adapter_params(model, name).items()}
 
 
 def _pick_adapter(model: nn.Module, adapter: str | None) -> str:
-    st = _state(model)
+    st = state_of(model)
     if adapter is not None:
         if adapter not in st.specs:
             raise AdapterError(f"no adapter named {adapter!r}; this model has {sorted(st.specs)}")
@@ -267,7 +202,7 @@ def _pick_adapter(model: nn.Module, adapter: str | None) -> str:
 
 def _rank_axes(method: str, key: str) -> tuple[int, ...] | None:
     param = key.rsplit(".", 1)[-1]
-    return RANK_AXES.get(method, {}).get(param)
+    return (get_method(method).rank_axes or {}).get(param)
 
 
 def _defaults_are_zero(model: nn.Module, name: str, defaults: Mapping[str, torch.Tensor]) -> bool:
@@ -276,9 +211,9 @@ def _defaults_are_zero(model: nn.Module, name: str, defaults: Mapping[str, torch
         if name not in cont:
             continue
         a = cont[name]
-        t = {p: defaults[f"{cont.site}.{p}"] for p in a._parameters}
+        t = {p: defaults[site_key(cont.site, p)] for p in a._parameters}
         if a.shared is not None:
-            t.update({p: defaults[f"shared.{a.shared.group}.{p}"] for p in a.shared._parameters})
+            t.update({p: defaults[shared_key(a.shared.group, p)] for p in a.shared._parameters})
         x = torch.randn(2, a.in_features, dtype=next(iter(t.values())).dtype)
         try:
             with torch.no_grad():
@@ -494,21 +429,70 @@ def to_onnx(
     dynamic_axes: ``"auto"`` (batch and sequence axes, see :func:`default_dynamic_axes`),
     ``None`` (static shapes) or ``{input name: {axis: dim name}}``.
     defaults: the adapter inputs' defaults: ``"zero-rank"``, ``"zeros"`` (full shape) or
-    ``"auto"`` (zero-rank for the methods in :data:`ZERO_RANK_BY_DEFAULT`).
+    ``"auto"`` (zero-rank where the method's registry entry says ``zero_rank_default``).
     allow_plain: a model without peftcompile adapters raises :class:`AdapterError` unless
     this is True, in which case the base model is exported plainly (merged and unmerged alike).
     custom_translation_table: passed to ``torch.onnx.export`` for ops it cannot translate.
     Returns an :class:`OnnxExport`; the same description is stored as JSON in the model's
     ``metadata_props`` under ``"peftcompile"``.
     """
-    import onnx_ir as ir
-
     path = Path(path)
+    plain = _check_request(model, path, merged, defaults, allow_plain)
+    inputs = _split_inputs(model, example_inputs)
+    dyn_in = _dyn_spec(inputs.names, inputs.tensors, _resolve_axes(dynamic_axes, inputs))
+
+    st = state_of(model)
+    name: str | None = None
+    specs: dict[str, dict] = {}
+    found: dict[str, tuple[str, nn.Parameter]] = {}
+    zero_rank = False
+    target = model
+    if not plain and merged:
+        name = ",".join(st.active)
+        specs = {n: st.specs[n].to_dict() for n in st.active}
+        target = merge_and_unload(copy.deepcopy(model))
+    elif not plain:
+        name = _pick_adapter(model, adapter)
+        specs = {name: st.specs[name].to_dict()}
+        found = _adapter_inputs(model, name)
+        method = get_method(st.specs[name].method.name)
+        zero_rank = method.rank_axes is not None and (
+            defaults == "zero-rank" or (defaults == "auto" and method.zero_rank_default))
+    keys = list(found)
+    ad_tensors = [t.detach() for _, t in found.values()]
+    method_name = st.specs[name].method.name if found else ""
+    ranks = {k: (_rank_axes(method_name, k) or ()) if zero_rank else () for k in keys}
+    # Dim.AUTO: torch.export may relate rank axes (RaSA's D has length private + shared).
+    dyn_ad = [{ax: Dim.AUTO for ax in ranks[k]} or None for k in keys]
+
+    out_names: list[str] = []
+    wrapper = _Exportable(target, inputs, [p for p, _ in found.values()], out_names)
+    with _eval(target), torch.no_grad():
+        prog = _export(wrapper, inputs.tensors, ad_tensors, dyn_in, dyn_ad, opset, custom_translation_table)
+
+    g = prog.model.graph
+    _rename_graph_(g, inputs.names, keys, out_names)
+    result = OnnxExport(path, merged, name, specs, [v.name for v in g.inputs if v.name not in found],
+                        [v.name for v in g.outputs])
+    if keys:
+        _adapter_defaults_(g, model, name, keys, ad_tensors, ranks, zero_rank, result)
+    prog.model.metadata_props[METADATA_KEY] = json.dumps(result.metadata())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prog.save(str(path))
+    if keys:
+        tensors = dict(zip(keys, ad_tensors))
+        write_sidecar(result.sidecar, tensors, result.metadata())
+        write_ort_adapter(result.ort_adapter, tensors)
+    return result
+
+
+def _check_request(model: nn.Module, path: Path, merged: bool, defaults: str, allow_plain: bool) -> bool:
+    """Validate the arguments before any export work; True if the model has no adapters."""
     if path.suffix != ".onnx":
         raise ValueError(f"path must end in .onnx, got {path}")
     if defaults not in ("auto", "zero-rank", "zeros"):
         raise ValueError(f"defaults must be 'auto', 'zero-rank' or 'zeros', got {defaults!r}")
-    st = _state(model)
+    st = state_of(model)
     plain = st is None or not st.specs
     if plain and not allow_plain:
         raise AdapterError(
@@ -523,96 +507,60 @@ def to_onnx(
                 f"adapters are merged into the base weights at {bad[:4]}; an unmerged export would carry them twice. "
                 f"Fix: peftcompile.unmerge(model) first, or export merged=True"
             )
-    inputs = _split_inputs(model, example_inputs)
+    return plain
+
+
+def _resolve_axes(dynamic_axes: DynamicAxes | str | None, inputs: _Inputs) -> DynamicAxes:
     if isinstance(dynamic_axes, str):
         if dynamic_axes != "auto":
             raise ValueError(f"dynamic_axes must be 'auto', None or a mapping, got {dynamic_axes!r}")
-        dynamic_axes = default_dynamic_axes(inputs.names, inputs.tensors)
-    dyn_in = _dyn_spec(inputs.names, inputs.tensors, dynamic_axes or {})
+        return default_dynamic_axes(inputs.names, inputs.tensors)
+    return dynamic_axes or {}
 
-    name: str | None = None
-    specs: dict[str, dict] = {}
-    found: dict[str, tuple[str, nn.Parameter, str]] = {}
-    zero_rank = False
-    target = model
-    if not plain and merged:
-        name = ",".join(st.active)
-        specs = {n: st.specs[n].to_dict() for n in st.active}
-        target = merge_and_unload(copy.deepcopy(model))
-    elif not plain:
-        name = _pick_adapter(model, adapter)
-        specs = {name: st.specs[name].to_dict()}
-        found = adapter_tensors(model, name)
-        methods = {m for _, _, m in found.values()}
-        zero_rank = all(m in RANK_AXES for m in methods) and (
-            defaults == "zero-rank" or (defaults == "auto" and methods <= ZERO_RANK_BY_DEFAULT)
+
+def _adapter_defaults_(g: Any, model: nn.Module, name: str, keys: list[str], ad_tensors: list[torch.Tensor],
+                       ranks: dict[str, tuple[int, ...]], zero_rank: bool, result: OnnxExport) -> None:
+    """Give each adapter input a zero default (checked: the method's delta must be exactly 0
+    with it) and record the adapter inputs and side files in ``result``."""
+    import onnx_ir as ir
+
+    by_name = {v.name: v for v in g.inputs}
+    missing = [k for k in keys if k not in by_name]
+    if missing:
+        raise OnnxExportError(
+            f"adapter tensors {missing[:4]} did not become graph inputs (their sites are not on the traced "
+            f"path); check the example inputs reach every adapted site"
         )
-    keys = list(found)
-    ad_params = [p for p, _, _ in found.values()]
-    ad_tensors = [t.detach() for _, t, _ in found.values()]
-    ranks = {k: (_rank_axes(m, k) or ()) if zero_rank else () for k, (_, _, m) in found.items()}
-    # Dim.AUTO: torch.export may relate rank axes (RaSA's D has length private + shared).
-    dyn_ad = [{ax: Dim.AUTO for ax in ranks[k]} or None for k in keys]
-
-    out_names: list[str] = []
-    wrapper = _Exportable(target, inputs, ad_params, out_names)
-    with _eval(target), torch.no_grad():
-        prog = _export(wrapper, inputs.tensors, ad_tensors, dyn_in, dyn_ad, opset, custom_translation_table)
-
-    g = prog.model.graph
-    _rename_graph_(g, inputs.names, keys, out_names)
-    result = OnnxExport(path, merged, name, specs, [v.name for v in g.inputs if v.name not in found],
-                        [v.name for v in g.outputs])
-    if keys:
-        by_name = {v.name: v for v in g.inputs}
-        missing = [k for k in keys if k not in by_name]
-        if missing:
-            raise OnnxExportError(
-                f"adapter tensors {missing[:4]} did not become graph inputs (their sites are not on the traced "
-                f"path); check the example inputs reach every adapted site"
-            )
-        static = [k for k in keys for ax in ranks[k] if isinstance(by_name[k].shape[ax], int)]
-        if static:
-            # torch.export specialized a rank axis (a size-1 pool, say): zero rank would
-            # be rejected by the graph, so fall back to full-shape zeros.
-            zero_rank = False
-        zeros = {}
-        for k, t in zip(keys, ad_tensors):
-            shape = list(t.shape)
-            for ax in ranks[k] if zero_rank else ():
-                shape[ax] = 0
-            zeros[k] = torch.zeros(shape, dtype=t.dtype)
+    if any(isinstance(by_name[k].shape[ax], int) for k in keys for ax in ranks[k]):
+        # torch.export specialized a rank axis (a size-1 pool, say): zero rank would
+        # be rejected by the graph, so fall back to full-shape zeros.
+        zero_rank = False
+    zeros = {}
+    for k, t in zip(keys, ad_tensors):
+        shape = list(t.shape)
+        for ax in ranks[k] if zero_rank else ():
+            shape[ax] = 0
+        zeros[k] = torch.zeros(shape, dtype=t.dtype)
+    ok = _defaults_are_zero(model, name, zeros)
+    if not ok and zero_rank:
+        zeros = {k: torch.zeros_like(t) for k, t in zip(keys, ad_tensors)}
         ok = _defaults_are_zero(model, name, zeros)
-        if not ok and zero_rank:
-            zeros = {k: torch.zeros_like(t) for k, t in zip(keys, ad_tensors)}
-            ok = _defaults_are_zero(model, name, zeros)
-        if not ok:
-            warnings.warn(
-                f"adapter {name!r}: the method's delta is not exactly 0 with zero-valued tensors, so the adapter "
-                f"inputs get no defaults and every run must bind an adapter",
-                stacklevel=2,
-            )
-        for k, t in zip(keys, ad_tensors):
-            if ok:
-                v = by_name[k]
-                v.const_value = ir.tensor(zeros[k], name=k)
-                g.register_initializer(v)
-            result.adapter_inputs[k] = AdapterInput(
-                k, tuple(t.shape), tuple(zeros[k].shape) if ok else None, str(t.dtype).removeprefix("torch.")
-            )
-        result.sidecar = path.with_name(path.stem + SIDECAR_SUFFIX)
-        result.ort_adapter = path.with_name(path.stem + ORT_ADAPTER_SUFFIX)
-
-    prog.model.metadata_props[METADATA_KEY] = json.dumps(result.metadata())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prog.save(str(path))
-    if keys:
-        from .ort import write_ort_adapter, write_sidecar
-
-        tensors = dict(zip(keys, ad_tensors))
-        write_sidecar(result.sidecar, tensors, result.metadata())
-        write_ort_adapter(result.ort_adapter, tensors)
-    return result
+    if not ok:
+        warnings.warn(
+            f"adapter {name!r}: the method's delta is not exactly 0 with zero-valued tensors, so the adapter "
+            f"inputs get no defaults and every run must bind an adapter",
+            stacklevel=3,
+        )
+    for k, t in zip(keys, ad_tensors):
+        if ok:
+            v = by_name[k]
+            v.const_value = ir.tensor(zeros[k], name=k)
+            g.register_initializer(v)
+        result.adapter_inputs[k] = AdapterInput(
+            k, tuple(t.shape), tuple(zeros[k].shape) if ok else None, str(t.dtype).removeprefix("torch.")
+        )
+    result.sidecar = result.path.with_name(result.path.stem + SIDECAR_SUFFIX)
+    result.ort_adapter = result.path.with_name(result.path.stem + ORT_ADAPTER_SUFFIX)
 
 
 def _rename_graph_(g: Any, input_names: Sequence[str], adapter_keys: Sequence[str], output_names: Sequence[str]) -> None:
@@ -636,15 +584,3 @@ def _rename_graph_(g: Any, input_names: Sequence[str], adapter_keys: Sequence[st
             g.initializers.pop(v.name)
             v.name = new
             g.initializers[new] = v
-
-
-def read_metadata(path: str | Path) -> dict:
-    """The ``peftcompile`` metadata of an exported file ({} if it has none)."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    for p in m.metadata_props:
-        if p.key == METADATA_KEY:
-            return json.loads(p.value)
-    return {}
-

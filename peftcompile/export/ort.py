@@ -1,13 +1,6 @@
-"""onnxruntime side of an unmerged export: adapter files and a session that checks bindings.
+"""onnxruntime side of an unmerged export: a session that checks adapters before binding them.
 
-Files next to ``model.onnx`` (written by :func:`peftcompile.export.to_onnx`):
-* ``model.adapter.safetensors``: the exported adapter's tensors under their graph input
-  names, with the export's description (spec, shapes) in the safetensors metadata.
-* ``model.onnx_adapter``: the same tensors in onnxruntime's adapter format, bound with
-  ``onnxruntime.LoraAdapter`` + ``RunOptions.add_active_adapter``. onnxruntime feeds the
-  adapter's tensors by name, overriding the graph inputs' default initializers.
-
-:class:`OrtAdapterSession` checks names, shapes and spec of an adapter against the graph
+The files it reads are described in :mod:`peftcompile.export.formats`. :class:`OrtAdapterSession` checks names, shapes and spec of an adapter against the graph
 before onnxruntime runs, so a wrong adapter fails with a message instead of a shape error
 deep inside a kernel (or, worse, a silent broadcast).
 """
@@ -24,30 +17,16 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from ..api import AdapterError, _state
+from ..errors import AdapterError
 from ..io import tensor_mismatch
-from .onnx import FORMAT, METADATA_KEY, AdapterInput, adapter_tensors
+from ..state import adapter_params, state_of
+from .formats import FORMAT, METADATA_KEY, ORT_DTYPE, AdapterInput, as_numpy, read_adapter_file
 
-__all__ = ["OrtAdapterSession", "write_sidecar", "write_ort_adapter", "read_adapter_file"]
-
-_SAVE_ADAPTERS_WEIGHTS = "adapter_model.safetensors"
-_SAVE_ADAPTERS_CONFIG = "adapter_config.json"
-
-
-# onnxruntime element type -> torch/numpy dtype name (what AdapterInput.dtype records).
-_ORT_DTYPE = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-              "tensor(double)": "float64"}
-
-
-def _np(t: Any) -> np.ndarray:
-    if isinstance(t, torch.Tensor):
-        return t.detach().cpu().contiguous().numpy()
-    return np.asarray(t)
-
+__all__ = ["OrtAdapterSession"]
 
 def _arrays(tensors: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
     try:
-        return {k: _np(v) for k, v in tensors.items()}
+        return {k: as_numpy(v) for k, v in tensors.items()}
     except TypeError as e:  # bfloat16 has no numpy type
         raise AdapterError(f"{source}: {e}; write the tensors with write_ort_adapter and bind that .onnx_adapter "
                            f"file (onnxruntime feeds it without numpy)") from None
@@ -56,77 +35,6 @@ def _arrays(tensors: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
 def _shape(t: Any) -> tuple[int, ...]:
     return tuple(t.shape()) if isinstance(t, ort.OrtValue) else tuple(np.shape(t))
 
-
-def _ort_value(t: Any) -> ort.OrtValue:
-    if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
-        # numpy has no bfloat16: hand onnxruntime the raw 16-bit words with the element type.
-        words = t.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(words, onnx.TensorProto.BFLOAT16)
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(_np(t)))
-
-
-def write_sidecar(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> Path:
-    """Adapter tensors keyed by graph input name, the export description as metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path),
-              metadata={METADATA_KEY: json.dumps(meta)})
-    return path
-
-
-def write_ort_adapter(path: str | Path, tensors: Mapping[str, Any], adapter_version: int = 1,
-                      model_version: int = 1) -> Path:
-    """Write ``tensors`` (graph input name -> tensor) in onnxruntime's ``.onnx_adapter`` format."""
-    path = Path(path)
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(adapter_version)
-    fmt.set_model_version(model_version)
-    fmt.set_parameters({k: _ort_value(t) for k, t in tensors.items()})
-    fmt.export_adapter(str(path))
-    return path
-
-
-def read_adapter_file(source: str | Path) -> tuple[dict[str, Any], dict | None]:
-    """Tensors (and the spec, if the file records one) from an adapter file or directory.
-
-    Accepts an ``.onnx_adapter`` file (values are ``onnxruntime.OrtValue``), a sidecar or any
-    ``.safetensors`` file keyed by graph input names, or a directory written by
-    :func:`peftcompile.save_adapters` (same keys); those give numpy arrays.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    p = Path(source)
-    if p.is_dir():
-        cfg_file = p / _SAVE_ADAPTERS_CONFIG
-        if not (p / _SAVE_ADAPTERS_WEIGHTS).is_file() or not cfg_file.is_file():
-            raise AdapterError(f"{p} is not an adapter directory (expected {_SAVE_ADAPTERS_WEIGHTS} and "
-                               f"{_SAVE_ADAPTERS_CONFIG}, as save_adapters writes)")
-        cfg = json.loads(cfg_file.read_text())
-        if "peft_type" in cfg:
-            raise AdapterError(f"{p} is a PEFT adapter; load it into the model with peftcompile.load_peft_adapter "
-                               f"and bind the model, or save_adapters it first")
-        tensors = {k: _np(v) for k, v in load_file(str(p / _SAVE_ADAPTERS_WEIGHTS)).items()}
-        return tensors, (cfg.get("spec") or {}).get("method")
-    if not p.is_file():
-        raise AdapterError(f"adapter file not found: {p}")
-    if p.suffix == ".onnx_adapter":
-        try:
-            params = ort.AdapterFormat.read_adapter(str(p)).get_parameters()
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
-            raise AdapterError(f"{p} is not a readable .onnx_adapter file ({e})") from None
-        return dict(params), None
-    if p.suffix == ".safetensors":
-        with safe_open(str(p), "np") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        spec = None
-        if METADATA_KEY in meta:
-            specs = json.loads(meta[METADATA_KEY]).get("specs") or {}
-            spec = next(iter(specs.values()))["method"] if len(specs) == 1 else None
-        return tensors, spec
-    raise AdapterError(f"{p}: unknown adapter file type; use .onnx_adapter, .safetensors or a save_adapters directory")
 
 
 class OrtAdapterSession:
@@ -183,7 +91,7 @@ class OrtAdapterSession:
         want = self.adapter_inputs
         # Arrays are cast to the graph's float type on binding; onnxruntime's own adapter
         # values are fed as they are, so their element type must match.
-        types = {k: _ORT_DTYPE.get(t.data_type(), t.data_type()) for k, t in tensors.items()
+        types = {k: ORT_DTYPE.get(t.data_type(), t.data_type()) for k, t in tensors.items()
                  if k in want and isinstance(t, ort.OrtValue)}
         wrong_type = [f"{k}: {types[k]} vs graph {want[k].dtype}" for k in want if k in types and types[k] != want[k].dtype]
         why = tensor_mismatch({k: v.shape for k, v in want.items()}, {k: _shape(t) for k, t in tensors.items()},
@@ -201,10 +109,10 @@ class OrtAdapterSession:
         spec = None
         label = type(source).__name__
         if isinstance(source, nn.Module):
-            st = _state(source)
+            st = state_of(source)
             if st is None or len(st.active) != 1:
                 raise AdapterError(f"{type(source).__name__} must have exactly one active peftcompile adapter to bind")
-            tensors = _arrays({k: t for k, (_, t, _) in adapter_tensors(source, st.active[0]).items()}, label)
+            tensors = _arrays(adapter_params(source, st.active[0]), label)
             spec = st.specs[st.active[0]].to_dict()["method"]
         elif isinstance(source, Mapping):
             tensors = _arrays(source, label)
@@ -234,11 +142,11 @@ class OrtAdapterSession:
     def run(self, inputs: Mapping[str, Any] | Sequence[Any] | Any) -> dict[str, np.ndarray]:
         """Run with the bound adapter (or the base model); returns output name -> array."""
         if isinstance(inputs, Mapping):
-            feeds = {k: _np(v) for k, v in inputs.items()}
+            feeds = {k: as_numpy(v) for k, v in inputs.items()}
         elif isinstance(inputs, (list, tuple)):
-            feeds = dict(zip(self.input_names, (_np(v) for v in inputs)))
+            feeds = dict(zip(self.input_names, (as_numpy(v) for v in inputs)))
         else:
-            feeds = {self.input_names[0]: _np(inputs)}
+            feeds = {self.input_names[0]: as_numpy(inputs)}
         unknown = sorted(set(feeds) - set(self.input_names))
         missing = sorted(set(self.input_names) - set(feeds))
         if unknown or missing:

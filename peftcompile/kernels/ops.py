@@ -1,17 +1,18 @@
-"""``torch.ops.peftcompile.*``: one op per method family computing ``base(x) + delta(x)``.
+"""``torch.ops.peftcompile.*``: one op per low-rank product computing ``base(x) + delta(x)``.
 
 These are what the compile backend puts in place of a tagged ``linear + delta`` region.
 Each op has a fake (meta) kernel for tracing, an autograd formula that never computes
 the frozen base's dW unless W really requires grad, and a reference implementation
-(the math of :mod:`peftcompile.methods`) used on every device without a faster kernel.
+(the products of :mod:`peftcompile.methods.lowrank`, which the methods' reference math is
+written with) used on every device without a faster kernel.
 Faster kernels (Triton on CUDA) register for the same op names.
 
 Shapes: x [..., in]; weight [out, in] (may be a transposed view, e.g. of a Conv1D
 weight); bias [out] or None; scaling is a python float.
 
-lora_linear:    y = x W^T + b + s * ((x A^T) * D) B^T      A [r, in], B [out, r], D [r] or None
+lowrank_linear:    y = x W^T + b + s * ((x A^T) * D) B^T      A [r, in], B [out, r], D [r] or None
                 (RaSA is this with A = [A_l; A_S], B = [B_l, B_S], s = 1)
-gralora_linear: y = x W^T + b + s * (gralora(x; A, B, k) + (x A_h^T) B_h^T)
+block_lowrank_linear: y = x W^T + b + s * (blocks(x; A, B, k) + (x A_h^T) B_h^T)   (GraLoRA)
                 A [k, in/k, r], B [k, r, out/k]; A_h [h, in], B_h [out, h] or None
 """
 
@@ -23,40 +24,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..methods.gralora import gralora_z
+from ..methods.lowrank import block_lowrank, block_regroup_back, block_z, lowrank
 
-__all__ = ["lora_linear", "gralora_linear", "lora_linear_backward", "gralora_linear_backward",
-           "lora_linear_ref", "gralora_linear_ref", "gralora_regroup_back"]
+__all__ = ["lowrank_linear", "block_lowrank_linear", "lowrank_linear_backward", "block_lowrank_linear_backward",
+           "lowrank_linear_ref", "block_lowrank_linear_ref", "REFERENCES", "empty_to_none", "none_to_empty"]
+
+
+def none_to_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """Custom ops cannot return None: an absent tensor travels as an empty one."""
+    return like.new_empty(0) if t is None else t
+
+
+def empty_to_none(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Inverse of :func:`none_to_empty` for optional tensor outputs."""
+    return None if t is None or t.numel() == 0 else t
 
 
 # ---------------------------------------------------------------- reference math
-def lora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
-                    D: Optional[Tensor], scaling: float) -> Tensor:
-    z = x @ A.t()  # [..., r]
-    if D is not None:
-        z = z * D
-    return F.linear(x, weight, bias) + (z @ B.t()) * scaling
+def lowrank_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                       D: Optional[Tensor], scaling: float) -> Tensor:
+    return F.linear(x, weight, bias) + lowrank(x, A, B, scaling, D)
 
 
-def gralora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
-                       A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float) -> Tensor:
-    z = gralora_z(x, A, k)  # [..., k(j), r]
-    d = torch.einsum("...jr,jro->...jo", z, B).reshape(*x.shape[:-1], -1)
-    if A_h is not None:
-        d = d + (x @ A_h.t()) @ B_h.t()
-    return F.linear(x, weight, bias) + d * scaling
-
-
-def gralora_regroup_back(dz: Tensor, k: int) -> Tensor:
-    """Inverse of gralora_z's regrouping: [M, k(j), r] (chunks by input block) -> [M, k(i), r]."""
-    M, _, r = dz.shape
-    s = r // k
-    return dz.reshape(M, k, k, s).transpose(1, 2).reshape(M, k, r)
+def block_lowrank_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                             A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float) -> Tensor:
+    return F.linear(x, weight, bias) + block_lowrank(x, A, B, k, scaling, A_h, B_h)
 
 
 # Backward formulas (base frozen: no dW unless asked). For lora, with z = x A^T, u = z*D:
 #   dB = s * dy^T u;  du = s * dy B;  dD = sum_M du*z;  dz = du*D;  dA = dz^T x;  dx = dy W + dz A
-def _lora_bwd_ref(dy, x, weight, A, B, D, scaling):
+def lowrank_linear_bwd_ref(dy, x, weight, A, B, D, scaling):
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     z = x2 @ A.t()
     u = z * D if D is not None else z
@@ -69,14 +66,14 @@ def _lora_bwd_ref(dy, x, weight, A, B, D, scaling):
     return dx.reshape(x.shape), dA, dB, dD
 
 
-def _gralora_bwd_ref(dy, x, weight, A, B, A_h, B_h, k, scaling):
+def block_lowrank_linear_bwd_ref(dy, x, weight, A, B, A_h, B_h, k, scaling):
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     M = x2.shape[0]
-    z = gralora_z(x2, A, k)  # [M, k(j), r]
+    z = block_z(x2, A, k)  # [M, k(j), r]
     dyb = dy2.reshape(M, k, -1)  # [M, k(j), out_b]
     dB = torch.einsum("mjr,mjo->jro", z, dyb) * scaling
     dz = torch.einsum("mjo,jro->mjr", dyb, B) * scaling
-    dzi = gralora_regroup_back(dz, k)  # [M, k(i), r]
+    dzi = block_regroup_back(dz, k)  # [M, k(i), r]
     xb = x2.reshape(M, k, -1)  # [M, k(i), in_b]
     dA = torch.einsum("mip,mir->ipr", xb, dzi)
     dx = dy2 @ weight + torch.einsum("mir,ipr->mip", dzi, A).reshape(M, -1)
@@ -91,30 +88,30 @@ def _gralora_bwd_ref(dy, x, weight, A, B, A_h, B_h, k, scaling):
 
 
 # ---------------------------------------------------------------- ops
-@torch.library.custom_op("peftcompile::lora_linear", mutates_args=())
-def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+@torch.library.custom_op("peftcompile::lowrank_linear", mutates_args=())
+def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                 D: Optional[Tensor], scaling: float) -> Tensor:
     """y = x W^T + b + s * ((x A^T) * D) B^T (D optional)."""
-    return lora_linear_ref(x, weight, bias, A, B, D, scaling)
+    return lowrank_linear_ref(x, weight, bias, A, B, D, scaling)
 
 
-@lora_linear.register_fake
+@lowrank_linear.register_fake
 def _(x, weight, bias, A, B, D, scaling):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("peftcompile::lora_linear_backward", mutates_args=())
-def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
+@torch.library.custom_op("peftcompile::lowrank_linear_backward", mutates_args=())
+def lowrank_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
                          D: Optional[Tensor], scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dD); dD is empty when D is None."""
-    dx, dA, dB, dD = _lora_bwd_ref(dy, x, weight, A, B, D, scaling)
-    return dx, dA, dB, (dD if dD is not None else A.new_empty(0))
+    dx, dA, dB, dD = lowrank_linear_bwd_ref(dy, x, weight, A, B, D, scaling)
+    return dx, dA, dB, none_to_empty(dD, A)
 
 
-@lora_linear_backward.register_fake
+@lowrank_linear_backward.register_fake
 def _(dy, x, weight, A, B, D, scaling):
     return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(D) if D is not None else A.new_empty(0))
+            none_to_empty(None if D is None else torch.empty_like(D), A))
 
 
 def _base_grads(ctx, dy, x, has_bias: bool):
@@ -127,64 +124,81 @@ def _base_grads(ctx, dy, x, has_bias: bool):
     return dW, db
 
 
-def _lora_setup(ctx, inputs, output):
+def _lowrank_setup(ctx, inputs, output):
     x, weight, bias, A, B, D, scaling = inputs
     ctx.save_for_backward(x, weight, A, B, D)
     ctx.scaling, ctx.has_bias = scaling, bias is not None
 
 
-def _lora_backward(ctx, dy):
+def _lowrank_backward(ctx, dy):
     x, weight, A, B, D = ctx.saved_tensors
-    dx, dA, dB, dD = torch.ops.peftcompile.lora_linear_backward(dy, x, weight, A, B, D, ctx.scaling)
+    dx, dA, dB, dD = torch.ops.peftcompile.lowrank_linear_backward(dy, x, weight, A, B, D, ctx.scaling)
     dW, db = _base_grads(ctx, dy, x, ctx.has_bias)
     return dx, dW, db, dA, dB, (dD if D is not None else None), None
 
 
-lora_linear.register_autograd(_lora_backward, setup_context=_lora_setup)
+lowrank_linear.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
 
 
-@torch.library.custom_op("peftcompile::gralora_linear", mutates_args=())
-def gralora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+@torch.library.custom_op("peftcompile::block_lowrank_linear", mutates_args=())
+def block_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                    A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float) -> Tensor:
-    """y = x W^T + b + s * (GraLoRA(x; A, B, k) + (x A_h^T) B_h^T)."""
-    return gralora_linear_ref(x, weight, bias, A, B, A_h, B_h, k, scaling)
+    """y = x W^T + b + s * (blocks(x; A, B, k) + (x A_h^T) B_h^T)."""
+    return block_lowrank_linear_ref(x, weight, bias, A, B, A_h, B_h, k, scaling)
 
 
-@gralora_linear.register_fake
+@block_lowrank_linear.register_fake
 def _(x, weight, bias, A, B, A_h, B_h, k, scaling):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("peftcompile::gralora_linear_backward", mutates_args=())
-def gralora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
+@torch.library.custom_op("peftcompile::block_lowrank_linear_backward", mutates_args=())
+def block_lowrank_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
                             A_h: Optional[Tensor], B_h: Optional[Tensor], k: int,
                             scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dA_h, dB_h); the hybrid grads are empty when A_h is None."""
-    dx, dA, dB, dA_h, dB_h = _gralora_bwd_ref(dy, x, weight, A, B, A_h, B_h, k, scaling)
-    hyb = dA_h is not None
-    return dx, dA, dB, (dA_h if hyb else A.new_empty(0)), (dB_h if hyb else A.new_empty(0))
+    dx, dA, dB, dA_h, dB_h = block_lowrank_linear_bwd_ref(dy, x, weight, A, B, A_h, B_h, k, scaling)
+    return dx, dA, dB, none_to_empty(dA_h, A), none_to_empty(dB_h, A)
 
 
-@gralora_linear_backward.register_fake
+@block_lowrank_linear_backward.register_fake
 def _(dy, x, weight, A, B, A_h, B_h, k, scaling):
     hyb = A_h is not None
     return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(A_h) if hyb else A.new_empty(0), torch.empty_like(B_h) if hyb else A.new_empty(0))
+            none_to_empty(torch.empty_like(A_h) if hyb else None, A),
+            none_to_empty(torch.empty_like(B_h) if hyb else None, A))
 
 
-def _gralora_setup(ctx, inputs, output):
+def _block_setup(ctx, inputs, output):
     x, weight, bias, A, B, A_h, B_h, k, scaling = inputs
     ctx.save_for_backward(x, weight, A, B, A_h, B_h)
     ctx.k, ctx.scaling, ctx.has_bias = k, scaling, bias is not None
 
 
-def _gralora_backward(ctx, dy):
+def _block_backward(ctx, dy):
     x, weight, A, B, A_h, B_h = ctx.saved_tensors
-    dx, dA, dB, dA_h, dB_h = torch.ops.peftcompile.gralora_linear_backward(
+    dx, dA, dB, dA_h, dB_h = torch.ops.peftcompile.block_lowrank_linear_backward(
         dy, x, weight, A, B, A_h, B_h, ctx.k, ctx.scaling)
     dW, db = _base_grads(ctx, dy, x, ctx.has_bias)
     hyb = A_h is not None
     return dx, dW, db, dA, dB, (dA_h if hyb else None), (dB_h if hyb else None), None, None
 
 
-gralora_linear.register_autograd(_gralora_backward, setup_context=_gralora_setup)
+block_lowrank_linear.register_autograd(_block_backward, setup_context=_block_setup)
+
+
+#: Each fused op and its reference math: the decomposition the backend uses where no device
+#: kernel is registered. The *_backward ops return empty tensors for absent grads.
+REFERENCES = {
+    torch.ops.peftcompile.lowrank_linear.default: lowrank_linear_ref,
+    torch.ops.peftcompile.block_lowrank_linear.default: block_lowrank_linear_ref,
+    torch.ops.peftcompile.lowrank_linear_backward.default:
+        lambda dy, x, w, A, B, D, s: _bwd_tuple(lowrank_linear_bwd_ref(dy, x, w, A, B, D, s)),
+    torch.ops.peftcompile.block_lowrank_linear_backward.default:
+        lambda dy, x, w, A, B, A_h, B_h, k, s: _bwd_tuple(block_lowrank_linear_bwd_ref(dy, x, w, A, B, A_h, B_h, k, s)),
+}
+
+
+def _bwd_tuple(grads: tuple) -> tuple:
+    ref = grads[1]
+    return tuple(none_to_empty(g, ref) for g in grads)

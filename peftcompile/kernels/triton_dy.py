@@ -20,7 +20,7 @@ Cost to measure on the GPU: fusing dB trades a second read of dY (16 MiB for M =
 out = 2048, bf16) for (M / BLOCK_M) * out * r fp32 reductions into L2 (8.4 M, ~34 MB of
 red traffic at BLOCK_M = 64, r = 64; compiled for sm_90 they are 16-byte
 ``red.global.relaxed.add.v4.f32``, i.e. 2.1 M vector reds). Which is faster is not known without a GPU, so
-``FUSE_DB`` (lowrank_triton) switches dB to a split-K GEMM dY^T (Z*D) instead; both paths
+``FUSE_DB`` (triton_block) switches dB to a split-K GEMM dY^T (Z*D) instead; both paths
 are tested.
 """
 

@@ -7,8 +7,8 @@
                 acc += A_t,g[m, k:k+BK] @ B_t,g[k:k+BK, n]
         C_g[m, remap(n)] = alpha * acc * colscale[n] + bias_g[n]    # or atomic_add (split-K)
 
-Every adapter op of :mod:`peftcompile.kernels` is made of this kernel (see lora_triton /
-gralora_triton): the base GEMM with the adapter's r extra K columns (forward y and
+Every adapter op of :mod:`peftcompile.kernels` is made of this kernel (see triton_lowrank_linear /
+triton_block_lowrank_linear): the base GEMM with the adapter's r extra K columns (forward y and
 backward dx), the narrow Z = X A GEMM (N = r, output columns regrouped by ``remap``),
 and the tall-K dA = X^T dZ GEMM (K = tokens, split-K with fp32 atomics).
 

@@ -1,6 +1,7 @@
-"""Adapter methods: each module registers its reference math with the registry."""
+"""Adapter methods: one package per method, each registering itself with the registry."""
 
-from .registry import Method, MethodConfig, config_from_dict, get_method, method_for, register_method, registered_methods
+from .registry import (Lowering, Method, MethodConfig, PeftFormat, config_from_dict, get_method, method_for,
+                       register_method, registered_methods, unregister_method)
 from .lora import LoRA
 from .gralora import GraLoRA
 from .rasa import RaSA
@@ -8,6 +9,8 @@ from .rasa import RaSA
 __all__ = [
     "Method",
     "MethodConfig",
+    "Lowering",
+    "PeftFormat",
     "LoRA",
     "GraLoRA",
     "RaSA",
@@ -16,4 +19,5 @@ __all__ = [
     "method_for",
     "register_method",
     "registered_methods",
+    "unregister_method",
 ]

@@ -1,9 +1,13 @@
 """The method registry: one entry per adapter method, looked up by name.
 
-A method is a frozen config dataclass plus a :class:`Method` object holding its
-reference math (pure torch on ``[..., in]`` inputs). Everything else -- rewrite,
-merge, kernels, export, checkpoints -- goes through this registry, so no other
-module branches on the method name.
+A method is one package (``methods/<name>/``): a frozen config dataclass and a
+:class:`Method` holding its whole story -- reference math (pure torch on ``[..., in]``),
+init and merge weight, how the compile backend lowers it (:class:`Lowering`), which
+parameter axes carry its rank (ONNX zero-rank defaults), its PEFT checkpoint format
+(:class:`PeftFormat`) and its exact LoRA-equivalent form (runtimes that only know LoRA).
+The package registers it with one :func:`register_method` call. Rewrite, merge, kernels,
+export and checkpoints read this registry, so no other module branches on a method name:
+a new method is a new folder.
 """
 
 from __future__ import annotations
@@ -19,11 +23,17 @@ from torch import nn
 __all__ = [
     "MethodConfig",
     "Method",
+    "Lowering",
+    "PeftFormat",
     "register_method",
+    "unregister_method",
     "get_method",
     "method_for",
     "registered_methods",
     "kaiming_",
+    "same_shape",
+    "shape_mismatch",
+    "shapes_check",
 ]
 
 Params = Mapping[str, torch.Tensor]
@@ -60,6 +70,13 @@ class Method:
     ``delta``/``delta_weight`` then receive the site's and the group's tensors in one mapping.
     shrink_group(cfg, members, kept, {site: tensors}, shared) -> ({site: tensors}, shared)
         the tensors of a group cut down to its ``kept`` members (DiffoRA's warm start).
+    Integration (all optional):
+    lowering: how the compile backend fuses ``base + delta`` (None: stays reference math).
+    rank_axes: {param: axes carrying the rank}; setting them to 0 must give a delta of
+        exactly 0 (ONNX zero-rank defaults). ``zero_rank_default``: use them by default.
+    peft: the PEFT checkpoint format this method reads (and writes), if PEFT has one.
+    as_lora(params, cfg) -> (A [R, in], B [out, R]): the same delta as a plain LoRA pair,
+        exactly, scaling folded into B (``delta(x) == (x @ A.T) @ B.T``).
     """
 
     name: str
@@ -73,10 +90,51 @@ class Method:
     shared_shapes: Callable[..., dict[str, tuple[int, ...]]] | None = None
     shared_init: Callable[..., None] | None = None
     shrink_group: Callable[..., tuple[dict, dict]] | None = None
+    lowering: "Lowering | None" = None
+    rank_axes: Mapping[str, tuple[int, ...]] | None = None
+    zero_rank_default: bool = True
+    peft: "PeftFormat | None" = None
+    as_lora: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def shares(self) -> bool:
         return self.group_key is not None
+
+    def param_names(self, cfg: MethodConfig) -> frozenset[str]:
+        """Names of every tensor the delta reads: the site's own and, if shared, the group's."""
+        # the names do not depend on the sizes, so any sizes do
+        names = set(self.shapes(cfg, 0, 0, 1))
+        if self.shared_shapes is not None:
+            names |= set(self.shared_shapes(cfg, 0, 0, 1))
+        return frozenset(names)
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """How the compile backend turns one method's ``base + delta`` into a fused op.
+
+    check(cfg, shapes, in_f, out_f) -> why the parameter shapes do not fit, or None
+    replace(emit, x, w, b, p, cfg) -> the node computing ``base + delta``; ``emit(target,
+        *args)`` inserts a call_function node; w is W as [out, in]; p maps param -> node.
+    The parameters the region must read are :meth:`Method.param_names`.
+    """
+
+    check: Callable[[MethodConfig, Mapping[str, torch.Size], int, int], "str | None"]
+    replace: Callable[..., object]
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """A method's checkpoint format in Hugging Face PEFT.
+
+    peft_type: PEFT's ``peft_type`` (e.g. "LORA"); keys: PEFT key suffix -> our param;
+    read_config(peft config dict) -> our config, raising ValueError for anything it cannot
+    honour exactly (name the field).
+    """
+
+    peft_type: str
+    keys: Mapping[str, str]
+    read_config: Callable[[dict], MethodConfig]
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -91,6 +149,11 @@ def register_method(method: Method) -> Method:
     method.config_cls.name = method.name
     _REGISTRY[method.name] = method
     return method
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method (tests register throw-away methods)."""
+    _REGISTRY.pop(name, None)
 
 
 def get_method(name: str) -> Method:
@@ -117,3 +180,24 @@ def config_from_dict(d: Mapping) -> MethodConfig:
     d = dict(d)
     method = get_method(d.pop("method"))
     return method.config_cls(**d)
+
+
+def same_shape(a, b) -> bool:
+    """Equal without adding guards: under dynamic shapes sizes are SymInts, and a check that
+    is not statically known counts as a mismatch (the region then stays reference math)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(statically_known_true(i == j) for i, j in zip(a, b))
+
+
+def shape_mismatch(expected: Mapping[str, tuple], got: Mapping[str, torch.Size]) -> str | None:
+    """Why ``got`` (param -> shape) does not have the ``expected`` shapes, or None."""
+    bad = [f"{k}: {tuple(got[k])} != {tuple(v)}" for k, v in expected.items() if not same_shape(got[k], v)]
+    return "parameter shapes do not fit the site: " + "; ".join(bad) if bad else None
+
+
+def shapes_check(shapes: Callable[..., dict]) -> Callable[..., str | None]:
+    """A :class:`Lowering` check for a method without shared tensors: own shapes must fit."""
+    def check(cfg, got, in_f, out_f):
+        return shape_mismatch(shapes(cfg, in_f, out_f, 1), got)
+    return check

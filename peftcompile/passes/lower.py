@@ -34,13 +34,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import kernels  # noqa: F401  (registers torch.ops.peftcompile.*)
-from ..methods import MethodConfig, config_from_dict, get_method
+from ..methods import Lowering, MethodConfig, config_from_dict, get_method
+from ..methods.registry import same_shape
 from ..modules import ANNOTATION_KEY, ROLE_KEY
 
-__all__ = ["lower_adapters_", "Lowering", "register_lowering", "LOWERINGS", "COUNTER"]
+__all__ = ["lower_adapters_", "COUNTER", "BASE_PATTERNS"]
 
 log = logging.getLogger(__name__)
 
@@ -48,83 +48,6 @@ log = logging.getLogger(__name__)
 COUNTER = "peftcompile"
 
 Node = fx.Node
-
-
-# ---------------------------------------------------------------- per-method lowerings
-@dataclass(frozen=True)
-class Lowering:
-    """How one method's delta becomes a fused op.
-
-    params(cfg) -> names of the tensors the delta reads (own and shared)
-    check(cfg, shapes, in_f, out_f) -> why the shapes do not fit, or None
-    replace(emit, x, w, b, p, cfg) -> the node computing base + delta; ``emit(target,
-        *args)`` inserts a call_function node; w is W as [out, in]; p maps param name -> node.
-    """
-
-    params: Callable[[MethodConfig], frozenset[str]]
-    check: Callable[[MethodConfig, Mapping[str, torch.Size], int, int], "str | None"]
-    replace: Callable[..., Node]
-
-
-LOWERINGS: dict[str, Lowering] = {}
-
-
-def register_lowering(method: str, lowering: Lowering) -> None:
-    """Plug a method into the backend (its name must be registered in methods)."""
-    get_method(method)
-    if method in LOWERINGS:
-        raise ValueError(f"a lowering for {method!r} is already registered")
-    LOWERINGS[method] = lowering
-
-
-def _shape_mismatch(expected: Mapping[str, tuple], got: Mapping[str, torch.Size]) -> str | None:
-    bad = [f"{k}: {tuple(got[k])} != {tuple(v)}" for k, v in expected.items() if not _same_shape(got[k], v)]
-    return "parameter shapes do not fit the site: " + "; ".join(bad) if bad else None
-
-
-def _own_shapes_check(method: str) -> Callable[..., str | None]:
-    def check(cfg, shapes, in_f, out_f):
-        return _shape_mismatch(get_method(method).shapes(cfg, in_f, out_f, 1), shapes)
-    return check
-
-
-# LoRA: y = x W^T + b + s (x A^T) B^T
-def _lora_replace(emit, x, w, b, p, cfg):
-    return emit(torch.ops.peftcompile.lora_linear.default, x, w, b, p["lora_A"], p["lora_B"], None,
-                float(cfg.scaling))
-
-
-# GraLoRA: block-wise A [k, in/k, r], B [k, r, out/k], optional hybrid pair.
-def _gralora_params(cfg):
-    hyb = {"gralora_A_hybrid", "gralora_B_hybrid"} if cfg.hybrid_r else set()
-    return frozenset({"gralora_A", "gralora_B"} | hyb)
-
-
-def _gralora_replace(emit, x, w, b, p, cfg):
-    return emit(torch.ops.peftcompile.gralora_linear.default, x, w, b, p["gralora_A"], p["gralora_B"],
-                p.get("gralora_A_hybrid"), p.get("gralora_B_hybrid"), int(cfg.k), float(cfg.scaling))
-
-
-# RaSA: LoRA of rank e = (r-k) + L*k with A = [A_l; A_S], B = [B_l, B_S], diagonal D, scaling 1.
-def _rasa_check(cfg, shapes, in_f, out_f):
-    n, rem = divmod(shapes["rasa_A_shared"][0], cfg.k)
-    if rem or n < 1:
-        return f"rasa_A_shared has {shapes['rasa_A_shared'][0]} rows, not a multiple of k={cfg.k}"
-    m = get_method("rasa")
-    return _shape_mismatch({**m.shapes(cfg, in_f, out_f, n), **m.shared_shapes(cfg, in_f, out_f, n)}, shapes)
-
-
-def _rasa_replace(emit, x, w, b, p, cfg):
-    A = emit(torch.cat, [p["rasa_A"], p["rasa_A_shared"]], 0)  # [e, in]
-    B = emit(torch.cat, [p["rasa_B"], p["rasa_B_shared"]], 1)  # [out, e]
-    return emit(torch.ops.peftcompile.lora_linear.default, x, w, b, A, B, p["rasa_D"], 1.0)
-
-
-register_lowering("lora", Lowering(lambda cfg: frozenset({"lora_A", "lora_B"}), _own_shapes_check("lora"),
-                                   _lora_replace))
-register_lowering("gralora", Lowering(_gralora_params, _own_shapes_check("gralora"), _gralora_replace))
-register_lowering("rasa", Lowering(lambda cfg: frozenset({"rasa_A", "rasa_B", "rasa_D", "rasa_A_shared",
-                                                          "rasa_B_shared"}), _rasa_check, _rasa_replace))
 
 
 # ---------------------------------------------------------------- base patterns
@@ -263,10 +186,12 @@ class Plan:
 def _plan(region: Region) -> Plan:
     """Identify x, y, the parameters and the base of a region; raise Skip if anything is off."""
     tag = region.tag
-    lowering = LOWERINGS.get(tag["method"])
+    method = get_method(tag["method"])
+    lowering = method.lowering
     if lowering is None:
-        raise Skip(f"no lowering registered for method {tag['method']!r}")
+        raise Skip(f"method {tag['method']!r} registers no lowering")
     cfg = config_from_dict(json.loads(tag["config"]))
+    param_names = method.param_names(cfg)
     inside = set(region.nodes)
     for n in region.nodes[:-1]:
         if any(u not in inside for u in n.users):
@@ -285,11 +210,11 @@ def _plan(region: Region) -> Plan:
             name = _param_name(i)
             if role == "add":
                 ys.add(i)
-            elif name is not None and name in lowering.params(cfg):
+            elif name is not None and name in param_names:
                 params[name] = i
             else:
                 xs.add(i)
-    missing = lowering.params(cfg) - set(params)
+    missing = param_names - set(params)
     if missing:
         raise Skip(f"could not identify the adapter parameters {sorted(missing)} among the graph inputs")
     if len(xs) != 1 or len(ys) != 1:
@@ -305,12 +230,6 @@ def _plan(region: Region) -> Plan:
     return Plan(region, cfg, lowering, x, base, params)
 
 
-def _same_shape(a: Sequence, b: Sequence) -> bool:
-    """Equal without adding guards: under dynamic shapes sizes are SymInts, and a check that
-    is not statically known counts as a mismatch (the region then stays as reference math)."""
-    return len(a) == len(b) and all(statically_known_true(i == j) for i, j in zip(a, b))
-
-
 def _check_meta(x: Node, y: Node, base: BaseMatch, params: dict[str, Node], lowering: Lowering,
                 cfg: MethodConfig) -> None:
     xv, yv, wv = _val(x), _val(y), _val(base.weight)
@@ -321,12 +240,12 @@ def _check_meta(x: Node, y: Node, base: BaseMatch, params: dict[str, Node], lowe
     if wv.dim() != 2:
         raise Skip(f"base weight is {wv.dim()}-D")
     out_f, in_f = (wv.shape[1], wv.shape[0]) if base.transposed else (wv.shape[0], wv.shape[1])
-    if xv.dim() < 1 or not _same_shape(xv.shape[-1:], (in_f,)) or not _same_shape(yv.shape, (*xv.shape[:-1], out_f)):
+    if xv.dim() < 1 or not same_shape(xv.shape[-1:], (in_f,)) or not same_shape(yv.shape, (*xv.shape[:-1], out_f)):
         raise Skip(f"shapes x {tuple(xv.shape)}, W {tuple(wv.shape)}, y {tuple(yv.shape)} are not a linear site")
     tensors = {"x": xv, "y": yv, "W": wv, **{k: _val(v) for k, v in params.items()}}
     if base.bias is not None:
         bv = _val(base.bias)
-        if not isinstance(bv, torch.Tensor) or not _same_shape(bv.shape, (out_f,)):
+        if not isinstance(bv, torch.Tensor) or not same_shape(bv.shape, (out_f,)):
             raise Skip(f"bias of shape {getattr(bv, 'shape', None)} does not fit out_features={out_f}")
         tensors["bias"] = bv
     dtypes = {k: t.dtype for k, t in tensors.items()}

@@ -36,11 +36,11 @@ class Site:
     in_features: int
     out_features: int
     unit: Unit
-    node: str  # name of the node producing the base output in unit.graph
-    x_node: str  # name of the node holding the site input
+    node_name: str  # name of the node producing the base output in unit.graph
+    x_node_name: str  # name of the node holding the site input
     host_path: str  # qualified name of the module that owns W (and gets the adapters)
     weight_attr: str  # W's attribute name on the host
-    host_attr: str  # attribute under which SiteAdapters hang on the host
+    host_attr: str  # attribute under which the SiteAdapterSet hangs on the host
 
     @property
     def host_rel(self) -> str:

@@ -128,7 +128,7 @@ class StepLosses:
 class BiLevelSearch:
     """First-order DARTS over gate logits on an already adapted model.
 
-    ``adapters`` are the candidate SiteAdapters (site -> module) of the search adapter;
+    ``adapters`` are the candidate SiteAdapterSet (site -> module) of the search adapter;
     their parameters (and ``shared``, e.g. RaSA pools) are the weights. The model is
     changed in place (hooks, optimizer updates): run it on a copy you own.
     """

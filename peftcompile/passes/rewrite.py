@@ -1,7 +1,7 @@
 """Rewrite: turn each adapted site node into ``base(x) + delta(x)`` and bind the graph.
 
 After the base node ``y = site(x)`` it inserts ``y' = host.peftcompile(y, x)`` (a
-``call_module`` to the site's :class:`~peftcompile.modules.SiteAdapters`), so the
+``call_module`` to the site's :class:`~peftcompile.modules.SiteAdapterSet`), so the
 delta is read through the live module at run time: dropout follows train/eval,
 adapters can be switched or merged without retracing, and parameters replaced on the
 module (``.to()``, loading) are seen. The regenerated code is bound to the same
@@ -79,7 +79,7 @@ def rewrite_unit_(unit: Unit, sites: Iterable[Site]) -> fx.Graph:
     nodes = {n.name: n for n in g.nodes}
     adapted: dict[fx.Node, fx.Node] = {}
     for s in sites:
-        y, x = nodes[s.node], nodes[s.x_node]
+        y, x = nodes[s.node_name], nodes[s.x_node_name]
         x = adapted.get(x, x)  # a site fed by an earlier site (fc(fc(x))) reads its adapted output
         target = ".".join(p for p in (s.host_rel, s.host_attr) if p)
         with g.inserting_after(y):

@@ -1,4 +1,4 @@
-"""Triton GraLoRA linear: ``torch.ops.peftcompile.gralora_linear`` and its backward on CUDA.
+"""Triton GraLoRA linear: ``torch.ops.peftcompile.block_lowrank_linear`` and its backward on CUDA.
 
 Math (x [M, in], W [out, in] any strides, A [k, in_b, r], B [k, r, out_b], c = r / k,
 hybrid A_h [h, in], B_h [out, h], s = scaling; X_i = input block i, Y_j = output block j):
@@ -43,9 +43,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .lowrank_triton import block_bwd, block_fwd, check_inputs
+from .triton_block import block_bwd, block_fwd, check_inputs
 
-__all__ = ["gralora_linear_fwd_triton", "gralora_linear_bwd_triton"]
+__all__ = ["block_lowrank_fwd_triton", "block_lowrank_bwd_triton"]
 
 
 def _check(op: str, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, A_h: Optional[Tensor],
@@ -73,23 +73,23 @@ def _hybrid(A_h: Optional[Tensor], B_h: Optional[Tensor]) -> tuple[Optional[Tens
     return A_h, B_h
 
 
-def gralora_linear_fwd_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+def block_lowrank_fwd_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                               A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float, *,
                               config: Optional[dict] = None) -> Tensor:
     """y = x W^T + b + s * (GraLoRA(x; A, B, k) + (x A_h^T) B_h^T) for x [..., in]."""
-    _check("gralora_linear", x, weight, A, B, A_h, B_h, k, bias=bias)
+    _check("block_lowrank_linear", x, weight, A, B, A_h, B_h, k, bias=bias)
     A_h, B_h = _hybrid(A_h, B_h)
     x2 = x.reshape(-1, x.shape[-1])
     y = block_fwd(x2, weight, bias, A, B, scaling=scaling, A_h=A_h, B_h=B_h, config=config)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def gralora_linear_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
+def block_lowrank_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
                               A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float, *,
                               config: Optional[dict] = None
                               ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(dx, dA, dB, dA_h, dB_h) of gralora_linear with W frozen; hybrid grads None without a pair."""
-    _check("gralora_linear_backward", x, weight, A, B, A_h, B_h, k, dy=dy)
+    """(dx, dA, dB, dA_h, dB_h) of block_lowrank_linear with W frozen; hybrid grads None without a pair."""
+    _check("block_lowrank_linear_backward", x, weight, A, B, A_h, B_h, k, dy=dy)
     given_h = A_h is not None
     A_h, B_h = _hybrid(A_h, B_h)
     x2 = x.reshape(-1, x.shape[-1])

@@ -1,4 +1,4 @@
-"""LoRA reference math: delta(x) = s * (x @ A.T) @ B.T, dW = s * B @ A, s = alpha / r."""
+"""LoRA config and reference math: delta(x) = s * (x @ A.T) @ B.T, dW = s * B @ A, s = alpha / r."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .registry import Method, MethodConfig, Params, kaiming_, register_method
+from ..lowrank import lowrank, lowrank_weight
+from ..registry import MethodConfig, Params, kaiming_
 
-__all__ = ["LoRA", "lora_delta", "lora_delta_weight"]
+__all__ = ["LoRA", "lora_delta", "lora_delta_weight", "lora_shapes", "lora_init", "lora_as_lora"]
 
 
 @dataclass(frozen=True)
@@ -30,36 +31,23 @@ class LoRA(MethodConfig):
         return self.alpha / self.r
 
 
-def _shapes(cfg: LoRA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple[int, ...]]:
+def lora_shapes(cfg: LoRA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple[int, ...]]:
     return {"lora_A": (cfg.r, in_f), "lora_B": (out_f, cfg.r)}
 
 
-def _init(cfg: LoRA, p: Params, n: int = 1) -> None:
+def lora_init(cfg: LoRA, p: Params, n: int = 1) -> None:
     kaiming_(p["lora_A"])
     torch.nn.init.zeros_(p["lora_B"])
 
 
 def lora_delta(x: torch.Tensor, p: Params, cfg: LoRA) -> torch.Tensor:
     # [..., in] @ [in, r] -> [..., r] @ [r, out] -> [..., out]
-    return (x @ p["lora_A"].t()) @ p["lora_B"].t() * cfg.scaling
+    return lowrank(x, p["lora_A"], p["lora_B"], cfg.scaling)
 
 
 def lora_delta_weight(p: Params, cfg: LoRA) -> torch.Tensor:
-    return (p["lora_B"] @ p["lora_A"]) * cfg.scaling  # [out, in]
+    return lowrank_weight(p["lora_A"], p["lora_B"], cfg.scaling)  # [out, in]
 
 
-def _check(cfg: LoRA, in_f: int, out_f: int) -> str | None:
-    return None
-
-
-register_method(
-    Method(
-        name="lora",
-        config_cls=LoRA,
-        shapes=_shapes,
-        init=_init,
-        delta=lora_delta,
-        delta_weight=lora_delta_weight,
-        check_site=_check,
-    )
-)
+def lora_as_lora(p: Params, cfg: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
+    return p["lora_A"], p["lora_B"] * cfg.scaling

@@ -1,4 +1,4 @@
-"""GraLoRA reference math (arXiv 2505.20355; PEFT ``tuners/gralora`` conventions).
+"""GraLoRA config and reference math (arXiv 2505.20355; PEFT ``tuners/gralora`` conventions).
 
 x is split into k input blocks, each block i has its own A[i] [in_b, r]; the rank-r
 output z_i is cut into k chunks of size s = r / k, and output block j sums chunk j of
@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .registry import Method, MethodConfig, Params, kaiming_, register_method
+from ..lowrank import block_as_lowrank, block_lowrank, block_lowrank_weight
+from ..registry import MethodConfig, Params, kaiming_
 
-__all__ = ["GraLoRA", "gralora_delta", "gralora_delta_weight", "gralora_z"]
+__all__ = ["GraLoRA", "gralora_delta", "gralora_delta_weight", "gralora_as_lora", "gralora_shapes", "gralora_init",
+           "gralora_check_site"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class GraLoRA(MethodConfig):
         return self.alpha / (self.r + self.hybrid_r)
 
 
-def _shapes(cfg: GraLoRA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple[int, ...]]:
+def gralora_shapes(cfg: GraLoRA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple[int, ...]]:
     k, r = cfg.k, cfg.r
     shapes = {"gralora_A": (k, in_f // k, r), "gralora_B": (k, r, out_f // k)}
     if cfg.hybrid_r:
@@ -54,7 +56,7 @@ def _shapes(cfg: GraLoRA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple[
     return shapes
 
 
-def _init(cfg: GraLoRA, p: Params, n: int = 1) -> None:
+def gralora_init(cfg: GraLoRA, p: Params, n: int = 1) -> None:
     # PEFT draws each block's A as an [r, in_b] Linear weight, then transposes.
     A = p["gralora_A"]
     with torch.no_grad():
@@ -68,58 +70,26 @@ def _init(cfg: GraLoRA, p: Params, n: int = 1) -> None:
         torch.nn.init.zeros_(p["gralora_B_hybrid"])
 
 
-def gralora_z(x: torch.Tensor, A: torch.Tensor, k: int) -> torch.Tensor:
-    """The [..., k, r] intermediate, already regrouped by output block.
-
-    z[..., j, i*s:(i+1)*s] = x_i @ A[i][:, j*s:(j+1)*s]  (chunk j of input block i).
-    """
-    lead = x.shape[:-1]
-    in_b, r = A.shape[1], A.shape[2]
-    s = r // k
-    z = torch.einsum("...ni,nir->...nr", x.reshape(*lead, k, in_b), A)  # [..., k(i), r]
-    return z.reshape(*lead, k, k, s).transpose(-3, -2).reshape(*lead, k, r)  # [..., k(j), r]
-
-
 def gralora_delta(x: torch.Tensor, p: Params, cfg: GraLoRA) -> torch.Tensor:
-    A, B = p["gralora_A"], p["gralora_B"]
-    z = gralora_z(x, A, cfg.k)
-    y = torch.einsum("...jr,jro->...jo", z, B).reshape(*x.shape[:-1], B.shape[0] * B.shape[2])
-    if cfg.hybrid_r:
-        y = y + (x @ p["gralora_A_hybrid"].t()) @ p["gralora_B_hybrid"].t()
-    return y * cfg.scaling
+    return block_lowrank(x, p["gralora_A"], p["gralora_B"], cfg.k, cfg.scaling,
+                         p.get("gralora_A_hybrid"), p.get("gralora_B_hybrid"))
 
 
 def gralora_delta_weight(p: Params, cfg: GraLoRA) -> torch.Tensor:
-    A, B = p["gralora_A"], p["gralora_B"]
-    k, in_b, r = A.shape
-    out_b = B.shape[2]
-    s = r // k
-    A4 = A.reshape(k, in_b, k, s)  # [i, p, j, s]
-    B4 = B.reshape(k, k, s, out_b)  # [j, i, s, o]
-    dwt = torch.einsum("ipjs,jiso->ipjo", A4, B4).reshape(k * in_b, k * out_b)  # [in, out]
-    dw = dwt.t()
-    if cfg.hybrid_r:
-        dw = dw + p["gralora_B_hybrid"] @ p["gralora_A_hybrid"]
-    return dw * cfg.scaling
+    return block_lowrank_weight(p["gralora_A"], p["gralora_B"], cfg.k, cfg.scaling,
+                                p.get("gralora_A_hybrid"), p.get("gralora_B_hybrid"))
 
 
-def _check(cfg: GraLoRA, in_f: int, out_f: int) -> str | None:
+def gralora_as_lora(p: Params, cfg: GraLoRA) -> tuple[torch.Tensor, torch.Tensor]:
+    """GraLoRA(r, k) is exactly a LoRA of rank k*r (+ hybrid_r): blocks placed into A_full / B_full."""
+    return block_as_lowrank(p["gralora_A"], p["gralora_B"], cfg.k, cfg.scaling,
+                            p.get("gralora_A_hybrid"), p.get("gralora_B_hybrid"))
+
+
+def gralora_check_site(cfg: GraLoRA, in_f: int, out_f: int) -> str | None:
     if in_f % cfg.k or out_f % cfg.k:
         return (
             f"GraLoRA k={cfg.k} must divide in_features={in_f} and out_features={out_f}; "
             f"choose k among the common divisors or exclude this site"
         )
     return None
-
-
-register_method(
-    Method(
-        name="gralora",
-        config_cls=GraLoRA,
-        shapes=_shapes,
-        init=_init,
-        delta=gralora_delta,
-        delta_weight=gralora_delta_weight,
-        check_site=_check,
-    )
-)

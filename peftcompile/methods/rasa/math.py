@@ -1,4 +1,4 @@
-"""RaSA reference math (arXiv 2503.12576; zwhe99/RaSA conventions).
+"""RaSA config and reference math (arXiv 2503.12576; zwhe99/RaSA conventions).
 
 Sites of one module type across L repeated blocks share A_S [L*k, in] and B_S [out, L*k].
 Each site keeps private A_l [r-k, in], B_l [out, r-k] and a trainable diagonal D_l of
@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .registry import Method, MethodConfig, Params, kaiming_, register_method
+from ..lowrank import lowrank, lowrank_weight
+from ..registry import MethodConfig, Params, kaiming_
 
-__all__ = ["RaSA", "rasa_delta", "rasa_delta_weight", "rasa_group_key"]
+__all__ = ["RaSA", "rasa_delta", "rasa_delta_weight", "rasa_group_key", "rasa_as_lora", "rasa_full", "rasa_shapes",
+           "rasa_init", "rasa_shared_shapes", "rasa_shared_init", "rasa_shrink_group"]
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,12 @@ def rasa_group_key(site: str) -> str:
     return _INDEX.sub("*", site)
 
 
-def _shapes(cfg: RaSA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple[int, ...]]:
+def rasa_shapes(cfg: RaSA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple[int, ...]]:
     p = cfg.r - cfg.k
     return {"rasa_A": (p, in_f), "rasa_B": (out_f, p), "rasa_D": (p + n * cfg.k,)}
 
 
-def _init(cfg: RaSA, p: Params, n: int = 1) -> None:
+def rasa_init(cfg: RaSA, p: Params, n: int = 1) -> None:
     kaiming_(p["rasa_A"])
     torch.nn.init.zeros_(p["rasa_B"])
     priv = cfg.r - cfg.k
@@ -62,32 +64,38 @@ def _init(cfg: RaSA, p: Params, n: int = 1) -> None:
         p["rasa_D"][priv:].fill_(0.5 * cfg.alpha / (n * cfg.k))
 
 
-def _shared_shapes(cfg: RaSA, in_f: int, out_f: int, n: int) -> dict[str, tuple[int, ...]]:
+def rasa_shared_shapes(cfg: RaSA, in_f: int, out_f: int, n: int) -> dict[str, tuple[int, ...]]:
     return {"rasa_A_shared": (n * cfg.k, in_f), "rasa_B_shared": (out_f, n * cfg.k)}
 
 
-def _shared_init(cfg: RaSA, p: Params, n: int) -> None:
+def rasa_shared_init(cfg: RaSA, p: Params, n: int) -> None:
     kaiming_(p["rasa_A_shared"])
     torch.nn.init.zeros_(p["rasa_B_shared"])
 
 
-def _full(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+def rasa_full(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
     A = torch.cat([p["rasa_A"], p["rasa_A_shared"]], 0)  # [e, in]
     B = torch.cat([p["rasa_B"], p["rasa_B_shared"]], 1)  # [out, e]
     return A, B
 
 
 def rasa_delta(x: torch.Tensor, p: Params, cfg: RaSA) -> torch.Tensor:
-    A, B = _full(p)
-    return ((x @ A.t()) * p["rasa_D"]) @ B.t()
+    A, B = rasa_full(p)
+    return lowrank(x, A, B, 1.0, p["rasa_D"])
 
 
 def rasa_delta_weight(p: Params, cfg: RaSA) -> torch.Tensor:
-    A, B = _full(p)
-    return (B * p["rasa_D"]) @ A  # [out, e] diag(D) [e, in]
+    A, B = rasa_full(p)
+    return lowrank_weight(A, B, 1.0, p["rasa_D"])  # [out, e] diag(D) [e, in]
 
 
-def _shrink_group(cfg: RaSA, members: list[str], kept: list[str], sites: dict, shared: dict) -> tuple[dict, dict]:
+def rasa_as_lora(p: Params, cfg: RaSA) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoRA of rank (r-k) + L*k: D folded into B (the pool is no longer stored once)."""
+    A, B = rasa_full(p)
+    return A, B * p["rasa_D"]
+
+
+def rasa_shrink_group(cfg: RaSA, members: list[str], kept: list[str], sites: dict, shared: dict) -> tuple[dict, dict]:
     """Cut a group's tensors down to its kept members (DiffoRA warm start).
 
     Member i owns rows [i*k, (i+1)*k) of the pool and the matching entries of every
@@ -102,24 +110,3 @@ def _shrink_group(cfg: RaSA, members: list[str], kept: list[str], sites: dict, s
         d = t["rasa_D"]
         new_sites[s] = {**t, "rasa_D": torch.cat([d[:priv], d[priv:][idx.to(d.device)]])}
     return new_sites, new_shared
-
-
-def _check(cfg: RaSA, in_f: int, out_f: int) -> str | None:
-    return None
-
-
-register_method(
-    Method(
-        name="rasa",
-        config_cls=RaSA,
-        shapes=_shapes,
-        init=_init,
-        delta=rasa_delta,
-        delta_weight=rasa_delta_weight,
-        check_site=_check,
-        group_key=rasa_group_key,
-        shared_shapes=_shared_shapes,
-        shared_init=_shared_init,
-        shrink_group=_shrink_group,
-    )
-)

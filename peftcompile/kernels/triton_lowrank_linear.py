@@ -1,4 +1,4 @@
-"""Triton LoRA / RaSA linear: ``torch.ops.peftcompile.lora_linear`` and its backward on CUDA.
+"""Triton LoRA / RaSA linear: ``torch.ops.peftcompile.lowrank_linear`` and its backward on CUDA.
 
 Math (x [M, in] flattened from [..., in], W [out, in] any strides, A [r, in], B [out, r],
 D [r] optional (RaSA: A = [A_l; A_S], B = [B_l, B_S], s = 1), s = scaling):
@@ -10,7 +10,7 @@ D [r] optional (RaSA: A = [A_l; A_S], B = [B_l, B_S], s = 1), s = scaling):
               dX = [dY, dZ] @ [W; A]                             (one GEMM, K = out + r)
               dA = dZ^T X                                        (split-K GEMM)
 
-LoRA is the k = 1 case of :mod:`peftcompile.kernels.lowrank_triton` (A, B are passed as
+LoRA is the k = 1 case of :mod:`peftcompile.kernels.triton_block` (A, B are passed as
 the 3-D views A^T[None], B^T[None]; nothing is copied, a Conv1D weight is read transposed).
 
 Memory traffic, design shapes (bf16, M = 4096 tokens, in = 2048, r = 64; MiB moved to
@@ -38,9 +38,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .lowrank_triton import block_bwd, block_fwd, check_inputs
+from .triton_block import block_bwd, block_fwd, check_inputs
 
-__all__ = ["lora_linear_fwd_triton", "lora_linear_bwd_triton"]
+__all__ = ["lowrank_fwd_triton", "lowrank_bwd_triton"]
 
 
 def _check(op: str, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, D: Optional[Tensor], **more) -> None:
@@ -53,20 +53,20 @@ def _check(op: str, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, D: Optional
         raise ValueError(f"peftcompile {op} (triton): D must be [r] = [{r}], got {tuple(D.shape)}")
 
 
-def lora_linear_fwd_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+def lowrank_fwd_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                            D: Optional[Tensor], scaling: float, *, config: Optional[dict] = None) -> Tensor:
     """y = x W^T + b + s * ((x A^T) * D) B^T for x [..., in]; CUDA, or CPU under TRITON_INTERPRET=1."""
-    _check("lora_linear", x, weight, A, B, D, bias=bias)
+    _check("lowrank_linear", x, weight, A, B, D, bias=bias)
     x2 = x.reshape(-1, x.shape[-1])
     y = block_fwd(x2, weight, bias, A.t().unsqueeze(0), B.t().unsqueeze(0), scaling=scaling, D=D, config=config)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def lora_linear_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, D: Optional[Tensor],
+def lowrank_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, D: Optional[Tensor],
                            scaling: float, *, config: Optional[dict] = None
                            ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """(dx, dA, dB, dD) of lora_linear with W frozen; dD is None when D is None."""
-    _check("lora_linear_backward", x, weight, A, B, D, dy=dy)
+    """(dx, dA, dB, dD) of lowrank_linear with W frozen; dD is None when D is None."""
+    _check("lowrank_linear_backward", x, weight, A, B, D, dy=dy)
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
     f32 = dict(dtype=torch.float32, device=x.device)

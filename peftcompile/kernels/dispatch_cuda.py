@@ -19,8 +19,8 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["lora_linear_cuda", "lora_linear_backward_cuda", "gralora_linear_cuda",
-           "gralora_linear_backward_cuda", "use_triton"]
+__all__ = ["lowrank_linear_cuda", "lowrank_linear_backward_cuda", "block_lowrank_linear_cuda",
+           "block_lowrank_linear_backward_cuda", "use_triton"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -51,47 +51,46 @@ def _hybrid_fits(A_h: Optional[Tensor]) -> bool:
     return A_h is None or A_h.shape[0] <= MAX_HYBRID
 
 
-@torch.library.register_kernel("peftcompile::lora_linear", "cuda")
-def lora_linear_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+@torch.library.register_kernel("peftcompile::lowrank_linear", "cuda")
+def lowrank_linear_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                      D: Optional[Tensor], scaling: float) -> Tensor:
     if not use_triton(x, weight, bias, A, B, D):
-        return ops.lora_linear_ref(x, weight, bias, A, B, D, scaling)
-    from .lora_triton import lora_linear_fwd_triton
+        return ops.lowrank_linear_ref(x, weight, bias, A, B, D, scaling)
+    from .triton_lowrank_linear import lowrank_fwd_triton
 
-    return lora_linear_fwd_triton(x, weight, bias, A, B, D, scaling)
+    return lowrank_fwd_triton(x, weight, bias, A, B, D, scaling)
 
 
-@torch.library.register_kernel("peftcompile::lora_linear_backward", "cuda")
-def lora_linear_backward_cuda(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
+@torch.library.register_kernel("peftcompile::lowrank_linear_backward", "cuda")
+def lowrank_linear_backward_cuda(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
                               D: Optional[Tensor], scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not use_triton(dy, x, weight, A, B, D):
-        dx, dA, dB, dD = ops._lora_bwd_ref(dy, x, weight, A, B, D, scaling)
+        dx, dA, dB, dD = ops.lowrank_linear_bwd_ref(dy, x, weight, A, B, D, scaling)
     else:
-        from .lora_triton import lora_linear_bwd_triton
+        from .triton_lowrank_linear import lowrank_bwd_triton
 
-        dx, dA, dB, dD = lora_linear_bwd_triton(dy, x, weight, A, B, D, scaling)
-    return dx, dA, dB, (dD if dD is not None else A.new_empty(0))
+        dx, dA, dB, dD = lowrank_bwd_triton(dy, x, weight, A, B, D, scaling)
+    return dx, dA, dB, ops.none_to_empty(dD, A)
 
 
-@torch.library.register_kernel("peftcompile::gralora_linear", "cuda")
-def gralora_linear_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+@torch.library.register_kernel("peftcompile::block_lowrank_linear", "cuda")
+def block_lowrank_linear_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                         A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float) -> Tensor:
     if not use_triton(x, weight, bias, A, B, A_h, B_h):
-        return ops.gralora_linear_ref(x, weight, bias, A, B, A_h, B_h, k, scaling)
-    from .gralora_triton import gralora_linear_fwd_triton
+        return ops.block_lowrank_linear_ref(x, weight, bias, A, B, A_h, B_h, k, scaling)
+    from .triton_block_lowrank_linear import block_lowrank_fwd_triton
 
-    return gralora_linear_fwd_triton(x, weight, bias, A, B, A_h, B_h, k, scaling)
+    return block_lowrank_fwd_triton(x, weight, bias, A, B, A_h, B_h, k, scaling)
 
 
-@torch.library.register_kernel("peftcompile::gralora_linear_backward", "cuda")
-def gralora_linear_backward_cuda(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
+@torch.library.register_kernel("peftcompile::block_lowrank_linear_backward", "cuda")
+def block_lowrank_linear_backward_cuda(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
                                  A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float
                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if not use_triton(dy, x, weight, A, B, A_h, B_h) or not _hybrid_fits(A_h):
-        dx, dA, dB, dA_h, dB_h = ops._gralora_bwd_ref(dy, x, weight, A, B, A_h, B_h, k, scaling)
+        dx, dA, dB, dA_h, dB_h = ops.block_lowrank_linear_bwd_ref(dy, x, weight, A, B, A_h, B_h, k, scaling)
     else:
-        from .gralora_triton import gralora_linear_bwd_triton
+        from .triton_block_lowrank_linear import block_lowrank_bwd_triton
 
-        dx, dA, dB, dA_h, dB_h = gralora_linear_bwd_triton(dy, x, weight, A, B, A_h, B_h, k, scaling)
-    hyb = dA_h is not None
-    return dx, dA, dB, (dA_h if hyb else A.new_empty(0)), (dB_h if hyb else A.new_empty(0))
+        dx, dA, dB, dA_h, dB_h = block_lowrank_bwd_triton(dy, x, weight, A, B, A_h, B_h, k, scaling)
+    return dx, dA, dB, ops.none_to_empty(dA_h, A), ops.none_to_empty(dB_h, A)

@@ -1,0 +1,151 @@
+"""One owner for the adapter state of a model.
+
+What ``adapt`` leaves on a model, and the only code that reads or writes it:
+
+* ``model.__dict__[STATE_ATTR]``: a :class:`ModelState` (plain data: deep-copies and
+  pickles): the adapters' specs, the active ones, the rewritten units, the original
+  ``requires_grad`` flags;
+* one :class:`~peftcompile.modules.SiteAdapterSet` child per adapted site (on the module
+  that owns W), holding one :class:`~peftcompile.modules.SiteAdapter` per adapter;
+* ``model.<SHARED_ATTR>[adapter][group]``: tensors a group of sites shares (stored once).
+
+One key scheme names every adapter tensor, in checkpoints and in ONNX graph inputs alike:
+``<site>.<param>``, ``shared.<group>.<param>`` and ``trainable.<module>.<param>`` (modules the
+spec trains fully). :func:`adapter_params` and :func:`checkpoint_params` are the only walks
+that build these keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from torch import nn
+
+from .errors import AdapterError
+from .modules import SharedTensors, SiteAdapterSet
+from .spec import AdapterSpec, select_modules
+
+__all__ = [
+    "ModelState",
+    "SHARED_ATTR",
+    "STATE_ATTR",
+    "state_of",
+    "require_state",
+    "site_adapters",
+    "shared_of",
+    "site_key",
+    "shared_key",
+    "trainable_key",
+    "adapter_params",
+    "trainable_params",
+    "checkpoint_params",
+    "trainable_modules",
+    "freeze_base_",
+]
+
+SHARED_ATTR = "peftcompile_shared"
+STATE_ATTR = "_peftcompile_state"
+
+
+@dataclass
+class ModelState:
+    """What adapt() remembers on the model (plain data: deep-copies and pickles)."""
+
+    specs: dict[str, AdapterSpec] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    units: set[str] = field(default_factory=set)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+def state_of(model: nn.Module) -> ModelState | None:
+    """The model's adapter state, or None if it has no peftcompile adapters."""
+    return model.__dict__.get(STATE_ATTR)
+
+
+def require_state(model: nn.Module) -> ModelState:
+    st = state_of(model)
+    if st is None:
+        raise AdapterError(f"{type(model).__name__} has no peftcompile adapters; call peftcompile.adapt first")
+    return st
+
+
+def site_adapters(model: nn.Module) -> Iterator[tuple[nn.Module, str, SiteAdapterSet]]:
+    """(host module, attribute, SiteAdapterSet) for every adapted site."""
+    for host in model.modules():
+        for attr, child in host.named_children():
+            if isinstance(child, SiteAdapterSet):
+                yield host, attr, child
+
+
+def shared_of(model: nn.Module, name: str) -> dict[str, SharedTensors]:
+    """Group name -> the shared tensors of adapter ``name`` ({} if it shares none)."""
+    root = getattr(model, SHARED_ATTR, None)
+    if root is None or name not in root:
+        return {}
+    return {sh.group: sh for sh in root[name].values()}
+
+
+def site_key(site: str, param: str) -> str:
+    return f"{site}.{param}"
+
+
+def shared_key(group: str, param: str) -> str:
+    return f"shared.{group}.{param}"
+
+
+def trainable_key(module: str, param: str) -> str:
+    return f"trainable.{module}.{param}"
+
+
+def adapter_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Key -> parameter of adapter ``name``: ``<site>.<param>`` and ``shared.<group>.<param>``."""
+    out: dict[str, nn.Parameter] = {}
+    for _, _, cont in site_adapters(model):
+        if name in cont:
+            out.update({site_key(cont.site, p): t for p, t in cont[name]._parameters.items()})
+    for group, sh in shared_of(model, name).items():
+        out.update({shared_key(group, p): t for p, t in sh._parameters.items()})
+    return out
+
+
+def trainable_params(model: nn.Module, patterns) -> dict[str, nn.Parameter]:
+    """``trainable.<module>.<param>`` for the modules ``patterns`` (a spec's ``trainable``) select."""
+    if patterns is None:
+        return {}
+    names = select_modules((n for n, _ in model.named_modules()), patterns)
+    return {trainable_key(n, p): t for n in names for p, t in model.get_submodule(n).named_parameters()}
+
+
+def checkpoint_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Everything a checkpoint of adapter ``name`` holds: its tensors and its trainable modules'."""
+    st = require_state(model)
+    out = adapter_params(model, name)
+    out.update(trainable_params(model, st.specs[name].trainable if name in st.specs else None))
+    return out
+
+
+def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules the adapters' specs keep trainable (``AdapterSpec.trainable``), by name."""
+    st = state_of(model)
+    names = [n for n, _ in model.named_modules()]
+    out: dict[str, nn.Module] = {}
+    for spec in (st.specs.values() if st else ()):
+        if spec.trainable is not None:
+            out.update({n: model.get_submodule(n) for n in select_modules(names, spec.trainable)})
+    return out
+
+
+def freeze_base_(model: nn.Module) -> None:
+    """Freeze everything but adapters and the specs' ``trainable`` modules."""
+    adapter_ids = {id(p) for _, _, c in site_adapters(model) for p in c.parameters()}
+    shared = getattr(model, SHARED_ATTR, None)
+    if shared is not None:
+        adapter_ids |= {id(p) for p in shared.parameters()}
+    for p in model.parameters():
+        if id(p) not in adapter_ids:
+            p.requires_grad_(False)
+    for m in trainable_modules(model).values():
+        for p in m.parameters():
+            if id(p) not in adapter_ids:
+                p.requires_grad_(True)
