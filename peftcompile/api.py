@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -347,7 +347,7 @@ class Summary:
         lines = []
         for name, info in self.adapters.items():
             lines.append(f"adapter {name!r}: {info['method']} ({'active' if info['active'] else 'inactive'})")
-            lines.append(f"  params {info['params']:,} (LoRA at the same r: {info['lora_params_same_r']:,})")
+            lines.append(f"  params {info['params']:,} (a plain rank-r A/B pair at these sites: {info['baseline_params']:,})")
             for g, gi in info.get("groups", {}).items():
                 lines.append(f"  group {g}: L={gi['L']} effective rank/site={gi['effective_rank']}")
             for s in self.sites[name]:
@@ -366,14 +366,14 @@ def summary(model: nn.Module) -> Summary:
     info: dict[str, dict] = {}
     for name, spec in st.specs.items():
         info[name] = {"method": repr(spec.method), "active": name in st.active, "params": 0,
-                      "lora_params_same_r": 0}
+                      "baseline_params": 0}
     seen = set()
     for _, _, cont in site_adapters(model):
         for name, a in cont.items():
             sites[name].append(cont.site)
             i = info[name]
             i["params"] += sum(p.numel() for p in a.parameters())
-            i["lora_params_same_r"] += a.cfg.r * (a.in_features + a.out_features)
+            i["baseline_params"] += a.cfg.r * (a.in_features + a.out_features)
             if a.shared is not None:
                 g = i.setdefault("groups", {})
                 g[a.group] = {"L": a.n_members, "effective_rank": a.cfg.effective_rank(a.n_members)}

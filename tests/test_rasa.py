@@ -118,7 +118,7 @@ def test_effective_rank():
     info = s.adapters["default"]
     assert info["groups"] == {"model.layers.*.self_attn.o_proj": {"L": L, "effective_rank": (r - k) + L * k}}
     # parameter count close to LoRA's at rank r: private (r-k)(in+out) + D, shared L*k(in+out)
-    assert info["lora_params_same_r"] == L * r * (64 + 64)
+    assert info["baseline_params"] == L * r * (64 + 64)
     assert info["params"] == L * ((r - k) * 128 + (r - k) + L * k) + L * k * 128
     assert "effective rank/site=14" in str(s)
 

@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-import torch
 from torch import nn
 
 from ..errors import AdapterError
