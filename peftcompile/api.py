@@ -8,21 +8,22 @@ leaves the model exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .errors import AdapterError
+from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import Method, method_for
 from .modules import SharedTensors, SiteAdapter, SiteAdapterSet
-from .passes.capture import capture
+from .passes.capture import capture, site_kind
 from .passes.match import Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
-from .spec import AdapterSpec, Placement, select_modules, select_sites
+from .spec import ALL_LINEAR, AdapterSpec, Placement, matches, select_modules, select_sites
 from .state import (SHARED_ATTR, STATE_ATTR, ModelState, freeze_base_, require_state, site_adapters, state_of,
                     trainable_modules)
 
@@ -34,6 +35,12 @@ __all__ = [
     "merge",
     "unmerge",
     "merge_and_unload",
+    "unload",
+    "delete_adapter",
+    "disable_adapter_layers",
+    "enable_adapter_layers",
+    "get_base_model_state_dict",
+    "set_base_model_state_dict",
     "AdapterError",
     "adapters_of",
     "site_adapters",
@@ -67,6 +74,88 @@ def _error_no_sites(spec: AdapterSpec, available: Sequence[str], failures: dict[
     return AdapterError(msg + ". Fix: pass target names from that list (suffixes, a regex or 'all-linear').")
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+def _reserved_names() -> frozenset[str]:
+    """Attribute names of the adapter containers: an adapter called ``keys`` or ``training``
+    would shadow them (nn.ModuleDict refuses it only after other sites were changed)."""
+    probe = SiteAdapterSet("s", "linear", "weight", 1, 1)
+    return frozenset(dir(probe)) | frozenset(vars(probe)) | frozenset(dir(nn.ModuleDict()))
+
+
+def check_adapter_name(name: object) -> str:
+    """Raise AdapterError unless ``name`` can name an adapter (also names from config files)."""
+    if not isinstance(name, str):
+        raise AdapterTypeError(f"adapter name must be a str, got {name!r}")
+    if not _NAME.fullmatch(name):
+        raise AdapterError(f"adapter name {name!r} must be letters, digits, '_' or '-' (no '.', no spaces); "
+                           f"e.g. 'default', 'task-a'")
+    if name in _reserved_names():
+        raise AdapterError(f"adapter name {name!r} is an attribute of the adapter containers (nn.ModuleDict); "
+                           f"pick another name, e.g. {name + '_adapter'!r}")
+    return name
+
+
+def _peft_wrapped(model: nn.Module) -> list[str]:
+    return [n or "<root>" for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"]
+
+
+def _tied_sites(model: nn.Module, sites: Sequence[tuple[str, str, str, str]]) -> dict[str, str]:
+    """Site -> why its weight is shared, so that merging into it would change another module
+    too. ``sites``: (name, host path, weight attribute, kind)."""
+    names_of: dict[int, list[str]] = defaultdict(list)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names_of[id(p)].append(n)
+    out = {}
+    for name, host_path, weight_attr, kind in sites:
+        host = model.get_submodule(host_path)
+        own = f"{host_path}.{weight_attr}" if host_path else weight_attr
+        others = [n for n in names_of.get(id(getattr(host, weight_attr)), []) if n != own]
+        if others:
+            out[name] = f"its weight is tied to {others[:3]}"
+        elif kind == "functional" and site_kind(host) is None and type(host).__module__.startswith("torch.nn"):
+            out[name] = f"its weight belongs to a {type(host).__name__}, which uses it too"
+    return out
+
+
+def _site_entries(sites: Sequence[Site]) -> list[tuple[str, str, str, str]]:
+    return [(s.name, s.host_path, s.weight_attr, s.kind) for s in sites]
+
+
+def _unreachable_sites(model: nn.Module, sites: Sequence[Site]) -> dict[str, str]:
+    """Sites whose owner never calls them as modules (it reads their weight directly)."""
+    out = {}
+    for s in sites:
+        parent, _, _ = s.host_path.rpartition(".")
+        owner = model.get_submodule(parent) if s.host_path else None
+        if isinstance(owner, nn.MultiheadAttention) and s.kind != "functional":
+            out[s.name] = ("nn.MultiheadAttention reads its out_proj weight directly (F.multi_head_attention_forward)"
+                           ", so an adapter there would never run")
+    return out
+
+
+def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str], chosen: list[str]) -> None:
+    """Each listed target must reach a linear site: a name that only reaches other modules
+    (Conv2d, Embedding, LayerNorm) is an error, one that reaches nothing a warning."""
+    if isinstance(spec.targets, str):
+        return
+    modules = [n for n, _ in model.named_modules() if n]
+    for pat in spec.targets:
+        if any(matches(n, (pat,)) for n in chosen):
+            continue
+        others = [n for n in modules if matches(n, (pat,)) and n not in sites]
+        if others:
+            kinds = sorted({type(model.get_submodule(n)).__name__ for n in others})
+            raise AdapterError(
+                f"target {pat!r} names {kinds} module(s) {others[:4]}, which peftcompile cannot adapt (it adapts "
+                f"nn.Linear, F.linear on a parameter and HF Conv1D). Fix: remove {pat!r} from targets, or target "
+                f"the linear layers inside it"
+            )
+        warnings.warn(f"target {pat!r} matched no site of {type(model).__name__}; check the spelling",
+                      AdapterWarning, stacklevel=4)
+
+
 def _groups(method: Method, sites: list[Site]) -> dict[str, list[Site]]:
     g: dict[str, list[Site]] = defaultdict(list)
     for s in sites:
@@ -97,13 +186,26 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
         spec = spec.with_placement(placement)
     placement = spec.placement
     st = state_of(model)
-    if not isinstance(name, str) or not name or "." in name:
-        raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    check_adapter_name(name)
+    wrapped = _peft_wrapped(model)
+    if wrapped:
+        raise AdapterError(
+            f"{type(model).__name__} is already wrapped by PEFT ({wrapped[:3]}); adapting it again would adapt PEFT's "
+            f"own adapter layers too. Fix: peft_model.merge_and_unload() (or .get_base_model()) first, and load a PEFT "
+            f"adapter into the plain base with peftcompile.load_peft_adapter"
+        )
     if st and name in st.specs:
         raise AdapterError(
             f"an adapter named {name!r} already exists on {type(model).__name__}; "
             f"pick another name, or merge_and_unload first. Existing: {sorted(st.specs)}"
         )
+    if st:
+        merged = sorted({n for _, _, c in site_adapters(model) for n in c.merged})
+        if merged:
+            raise AdapterError(
+                f"adapter(s) {merged} are merged into the base weights; adapt makes {name!r} the active adapter, "
+                f"which would leave them merged but inactive. Fix: peftcompile.unmerge(model) first"
+            )
     method = method_for(spec.method)
 
     # capture + match
@@ -112,9 +214,26 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     by_name: dict[str, list[Site]] = defaultdict(list)
     for s in all_sites:
         by_name[s.name].append(s)
-    chosen = select_sites(list(dict.fromkeys(by_name)), spec, _head_sites(model))
+    firsts = [v[0] for v in by_name.values()]
+    unreachable = _unreachable_sites(model, firsts)
+    tied = _tied_sites(model, _site_entries(firsts))
+    candidates = [n for n in by_name if n not in unreachable]
+    # "all-linear" leaves out the head and sites whose weight is shared (PEFT: tied heads)
+    skip = _head_sites(model) | (set(tied) if spec.targets == ALL_LINEAR else set())
+    chosen = select_sites(candidates, spec, skip)
+    if spec.targets != ALL_LINEAR:
+        bad = [n for n in select_sites(list(unreachable), spec, set())]
+        if bad:
+            raise AdapterError(f"cannot adapt {bad}: {unreachable[bad[0]]}. Fix: exclude {bad}")
+        if chosen:
+            _check_target_patterns(model, spec, set(by_name), chosen)
     if not chosen:
-        raise _error_no_sites(spec, list(by_name), cap.failures)
+        raise _error_no_sites(spec, candidates, cap.failures)
+    for n in chosen:
+        if n in tied:
+            warnings.warn(f"{n}: {tied[n]}; the adapter runs correctly, but merge() will refuse this site "
+                          f"(it would change the shared weight). Untie the weight to merge it.",
+                          AdapterWarning, stacklevel=3)
     if placement is not None:
         missing = sorted(set(placement.sites) - set(by_name))
         if missing:
@@ -139,11 +258,22 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
                 )
     if problems:
         raise AdapterError(f"cannot apply {spec.method!r}:\n  " + "\n  ".join(problems))
-    if spec.trainable is not None and not select_modules((n for n, _ in model.named_modules()), spec.trainable):
-        raise AdapterError(
-            f"trainable={spec.trainable!r} matched no module of {type(model).__name__}; pass module names "
-            f"(suffixes such as 'classifier', or a regex), e.g. from model.named_modules()"
-        )
+    if spec.trainable is not None:
+        tmods = select_modules((n for n, _ in model.named_modules()), spec.trainable)
+        if not tmods:
+            raise AdapterError(
+                f"trainable={spec.trainable!r} matched no module of {type(model).__name__}; pass module names "
+                f"(suffixes such as 'classifier', or a regex), e.g. from model.named_modules()"
+            )
+        adapted = set(first) | ({c.site for _, _, c in site_adapters(model)} if st else set())
+        hosts = {s.host_path for s in firsts if s.name in adapted}
+        clash = sorted({t for t in tmods for h in hosts if h == t or h.startswith(t + ".") or t.startswith(h + ".")})
+        if clash:
+            raise AdapterError(
+                f"trainable={spec.trainable!r} selects {clash[:4]}, which hold adapted sites: the module would be "
+                f"trained fully and adapted at once (and saved twice). Fix: exclude those sites, or make only the "
+                f"modules without sites trainable"
+            )
 
     # build the new modules (detached from the model)
     shared: dict[str, SharedTensors] = {}
@@ -241,41 +371,86 @@ def _warm_start(new: dict[str, SiteAdapter], shared: dict[str, SharedTensors], p
                 getattr(mod, p).copy_(t)
 
 
-def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make ``names`` the running (and trainable) adapters; others stay stored, frozen."""
+def set_active(model: nn.Module, names: str | Sequence[str], *, inference_mode: bool | None = None) -> None:
+    """Make ``names`` the running (and trainable) adapters; others stay stored, frozen.
+
+    The ``trainable`` modules of the active adapters' specs train with them; those of
+    inactive adapters are frozen. ``inference_mode=True`` keeps ``names`` frozen while they
+    run (PEFT's ``set_adapter(..., inference_mode=True)``; also what ``load_adapters`` does
+    unless ``is_trainable=True``); ``False`` makes them trainable again; None keeps each
+    adapter's mode."""
     st = require_state(model)
-    names = (names,) if isinstance(names, str) else tuple(names)
+    if isinstance(names, str):
+        names = (names,)
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise AdapterTypeError(f"names must be an adapter name or a list of names, got {names!r}") from None
     unknown = [n for n in names if n not in st.specs]
-    if unknown:
-        raise AdapterError(f"unknown adapter(s) {unknown}; this model has {sorted(st.specs)}")
-    for _, _, cont in site_adapters(model):
+    if unknown or not names:
+        raise AdapterError(f"unknown adapter(s) {unknown or names!r}; this model has {sorted(st.specs)}")
+    conts = [c for _, _, c in site_adapters(model)]
+    if inference_mode is not None and not isinstance(inference_mode, bool):
+        raise AdapterTypeError(f"inference_mode must be True, False or None, got {inference_mode!r}")
+    for cont in conts:
         if any(n in cont.merged for n in cont.active if n not in names):
-            raise AdapterError(f"{cont.site}: unmerge before switching away from a merged adapter")
+            raise AdapterError(f"{cont.site}: adapter(s) {list(cont.merged)} are merged; unmerge(model) before "
+                               f"switching away from a merged adapter")
+    if inference_mode is not None:
+        st.frozen = (st.frozen | set(names)) if inference_mode else (st.frozen - set(names))
+    training = {n for n in names if n not in st.frozen}
+    for cont in conts:
         cont.active = tuple(n for n in names if n in cont)
         for n, a in cont.items():
-            a.requires_grad_(n in names)
+            a.requires_grad_(n in training)
     for n, shared in (getattr(model, SHARED_ATTR, None) or {}).items():
-        shared.requires_grad_(n in names)
+        shared.requires_grad_(n in training)
     st.active = names
+    adapter_ids = {id(p) for c in conts for p in c.parameters()}
+    keep = {id(p) for n in training if st.specs[n].trainable is not None
+            for m in _modules(model, st.specs[n].trainable) for p in m.parameters()}
+    for n, spec in st.specs.items():
+        if spec.trainable is not None and n not in training:
+            for m in _modules(model, spec.trainable):
+                for p in m.parameters():
+                    if id(p) not in keep and id(p) not in adapter_ids:
+                        p.requires_grad_(False)
+    for n in training:
+        if st.specs[n].trainable is not None:
+            for m in _modules(model, st.specs[n].trainable):
+                for p in m.parameters():
+                    if id(p) not in adapter_ids:
+                        p.requires_grad_(True)
+
+
+def _modules(model: nn.Module, patterns) -> list[nn.Module]:
+    return [model.get_submodule(n) for n in select_modules((n for n, _ in model.named_modules()), patterns)]
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model inside the block (merged adapters are unmerged meanwhile)."""
+    """Run the base model inside the block; on exit every site is as it was.
+
+    Merged adapters are unmerged for the block and merged back on exit (exactly those
+    adapters, at exactly those sites). Blocks nest. The switch lives on the model, not on
+    the thread: another thread's forwards of the same model inside the block also run
+    without adapters (use a deep copy per thread to serve both at once).
+    """
     require_state(model)
-    merged = [(c, c.merged) for _, _, c in site_adapters(model) if c.merged]
-    if merged:
-        unmerge(model)
     conts = [c for _, _, c in site_adapters(model)]
+    previous = [(c, c.disabled, c.merged) for c in conts]
+    if any(c.merged for c in conts):
+        _check_mergeable(model)
+        unmerge(model)
     for c in conts:
         c.disabled = True
     try:
         yield model
     finally:
-        for c in conts:
-            c.disabled = False
-        if merged:
-            merge(model)
+        for c, was_disabled, was_merged in previous:
+            c.disabled = was_disabled
+        if any(m for _, _, m in previous):
+            _merge_sites(model, {id(c): m for c, _, m in previous})
 
 
 def _delta_for(cont: SiteAdapterSet, name: str) -> torch.Tensor:
@@ -283,23 +458,67 @@ def _delta_for(cont: SiteAdapterSet, name: str) -> torch.Tensor:
     return (d.t() if cont.transposed else d)
 
 
+def _check_mergeable(model: nn.Module) -> None:
+    """Refuse (before any change) to merge into weights that other modules share."""
+    st = require_state(model)
+    path_of = {id(m): n for n, m in model.named_modules()}
+    entries = [(c.site, path_of[id(host)], c.weight_attr, c.kind) for host, _, c in site_adapters(model)
+               if any(n in st.active or n in c.merged for n in c)]
+    tied = _tied_sites(model, entries)
+    if tied:
+        name, why = next(iter(tied.items()))
+        raise AdapterError(
+            f"cannot merge into {sorted(tied)[:4]}: {name}: {why}; merging would change that module as well. Fix: "
+            f"untie the weight (e.g. model.config.tie_word_embeddings=False and clone the head's weight before adapt), "
+            f"or keep the adapter unmerged"
+        )
+
+
 @torch.no_grad()
-def merge(model: nn.Module) -> None:
-    """Fold the active adapters into the base weights (their deltas then stop running)."""
-    require_state(model)
+def _merge_sites(model: nn.Module, wanted: dict[int, tuple[str, ...]] | None = None) -> None:
+    """Fold adapters into W: ``wanted[id(site set)]`` names per site (default: the active ones)."""
     for host, _, cont in site_adapters(model):
         w = getattr(host, cont.weight_attr)
-        for n in cont.active:
-            if n in cont.merged:
+        names = cont.active if wanted is None else wanted.get(id(cont), ())
+        for n in names:
+            if n in cont.merged or n not in cont:
                 continue
             w.copy_((w.to(torch.float32) + _delta_for(cont, n)).to(w.dtype))
             cont.merged = cont.merged + (n,)
 
 
+def merge(model: nn.Module, *, safe_merge: bool = False) -> None:
+    """Fold the active adapters into the base weights (their deltas then stop running).
+
+    Already merged adapters are left as they are (with a warning if nothing is left to
+    merge). Refused for sites whose weight is shared with another module (tied heads,
+    ``F.linear`` on an embedding's weight). ``safe_merge``: compute every merged weight
+    first and refuse, before writing any, if one is not finite (PEFT's option)."""
+    _check_mergeable(model)
+    todo = [(c, n) for _, _, c in site_adapters(model) for n in c.active if n not in c.merged and n in c]
+    if not todo:
+        warnings.warn("all active adapters are already merged; nothing to do", AdapterWarning, stacklevel=2)
+        return
+    if safe_merge:
+        for host, _, cont in site_adapters(model):
+            w = getattr(host, cont.weight_attr).to(torch.float32)
+            for n in cont.active:
+                if n in cont and n not in cont.merged:
+                    w = w + _delta_for(cont, n)
+            if not bool(torch.isfinite(w).all()):
+                raise AdapterError(f"{cont.site}: merging adapter(s) {list(cont.active)} gives NaN/inf weights; "
+                                   f"nothing was merged. Check the adapter's tensors (training diverged?)")
+    _merge_sites(model)
+
+
 @torch.no_grad()
 def unmerge(model: nn.Module) -> None:
-    """Take merged adapters back out of the base weights."""
+    """Take merged adapters back out of the base weights (fp32: exact to ~1e-6; bf16/fp16:
+    within one ulp of the weight, since W is rounded to its dtype after each step)."""
     require_state(model)
+    if not any(c.merged for _, _, c in site_adapters(model)):
+        warnings.warn("no adapter is merged; nothing to unmerge", AdapterWarning, stacklevel=2)
+        return
     for host, _, cont in site_adapters(model):
         w = getattr(host, cont.weight_attr)
         for n in reversed(cont.merged):
@@ -315,7 +534,56 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     plain checkpoint.
     """
     st = require_state(model)
-    merge(model)
+    _check_mergeable(model)
+    _merge_sites(model)
+    _remove_all(model, st)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` and every tensor it owns (shared group tensors included).
+
+    Refused while it is merged. If it was active, the remaining active adapters stay
+    active; if none remain, the first remaining adapter becomes active (PEFT's behaviour).
+    Deleting the last adapter is :func:`unload`."""
+    st = require_state(model)
+    if name not in st.specs:
+        raise AdapterError(f"no adapter named {name!r}; this model has {sorted(st.specs)}")
+    merged = sorted(c.site for _, _, c in site_adapters(model) if name in c.merged)
+    if merged:
+        raise AdapterError(f"adapter {name!r} is merged at {merged[:3]}; peftcompile.unmerge(model) before deleting it")
+    if len(st.specs) == 1:
+        unload(model)
+        return
+    remaining_active = tuple(n for n in st.active if n != name) or (next(n for n in st.specs if n != name),)
+    for _, _, cont in site_adapters(model):
+        if name in cont:
+            del cont[name]
+            cont.active = tuple(n for n in cont.active if n != name)
+    root = getattr(model, SHARED_ATTR, None)
+    if root is not None and name in root:
+        del root[name]
+    spec = st.specs.pop(name)
+    set_active(model, remaining_active)
+    if spec.trainable is not None:  # its modules train only with an active adapter that names them
+        freeze_base_(model)
+        set_active(model, remaining_active)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: the original model, its forwards, state_dict keys
+    and ``requires_grad`` flags, as before the first ``adapt``. Refused while merged (use
+    :func:`merge_and_unload`, or :func:`unmerge` first)."""
+    st = require_state(model)
+    merged = sorted(c.site for _, _, c in site_adapters(model) if c.merged)
+    if merged:
+        raise AdapterError(f"adapters are merged at {merged[:3]}; unload() would leave their deltas in the weights. "
+                           f"Fix: peftcompile.unmerge(model) first, or merge_and_unload(model) to keep them")
+    _remove_all(model, st)
+    return model
+
+
+def _remove_all(model: nn.Module, st: ModelState) -> None:
     for host, attr, _ in list(site_adapters(model)):
         delattr(host, attr)
     if hasattr(model, SHARED_ATTR):
@@ -326,7 +594,64 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if k in st.requires_grad:
             p.requires_grad_(st.requires_grad[k])
     del model.__dict__[STATE_ATTR]
-    return model
+
+
+def disable_adapter_layers(model: nn.Module) -> None:
+    """Run the base model until :func:`enable_adapter_layers` (persistent :func:`disabled`).
+    Refused while merged (the deltas are inside the weights)."""
+    require_state(model)
+    merged = sorted(c.site for _, _, c in site_adapters(model) if c.merged)
+    if merged:
+        raise AdapterError(f"adapters are merged at {merged[:3]}; unmerge(model) before disabling them")
+    for _, _, c in site_adapters(model):
+        c.disabled = True
+
+
+def enable_adapter_layers(model: nn.Module) -> None:
+    """Undo :func:`disable_adapter_layers`."""
+    require_state(model)
+    for _, _, c in site_adapters(model):
+        c.disabled = False
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state_dict (original keys, no adapter tensors), with merged adapters
+    taken out of the weights (computed, the model is not changed)."""
+    require_state(model)
+    adapter_ids = {id(t) for _, _, c in site_adapters(model) for t in c.state_dict(keep_vars=True).values()}
+    root = getattr(model, SHARED_ATTR, None)
+    if root is not None:
+        adapter_ids |= {id(t) for t in root.state_dict(keep_vars=True).values()}
+    out = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if id(v) not in adapter_ids}
+    path_of = {id(m): n for n, m in model.named_modules()}
+    for host, _, cont in site_adapters(model):
+        if cont.merged:
+            key = f"{path_of[id(host)]}.{cont.weight_attr}".lstrip(".")
+            w = out[key].to(torch.float32)
+            for n in reversed(cont.merged):
+                w = w - _delta_for(cont, n)
+            out[key] = w.to(out[key].dtype)
+    return out
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load base weights (original keys) into an adapted model; adapters are kept. Every key
+    and shape is checked first; refused while merged."""
+    require_state(model)
+    if any(c.merged for _, _, c in site_adapters(model)):
+        raise AdapterError("adapters are merged into the base weights; unmerge(model) before replacing them")
+    own = get_base_model_state_dict(model)
+    missing = sorted(set(own) - set(state_dict))
+    extra = sorted(set(state_dict) - set(own))
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or extra or wrong:
+        raise AdapterError(f"state_dict does not fit the base model: missing {missing[:4]}, unexpected {extra[:4]}, "
+                           f"shape mismatch {wrong[:4]}")
+    live = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k, v in state_dict.items():
+            live[k].copy_(v)
 
 
 @dataclass

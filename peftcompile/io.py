@@ -9,7 +9,12 @@ Everything is checked before the model is touched.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import uuid
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -19,12 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import adapt
-from .errors import AdapterError
+from .api import apply_plan_, check_adapter_name, plan_adapt, set_active
+from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import MethodConfig, method_for, registered_methods
+from .methods.registry import ANY
 from .passes.capture import capture
 from .passes.match import match
-from .spec import AdapterSpec
+from .spec import AdapterSpec, exact_targets
 from .state import (checkpoint_params, require_state, shared_key, shared_of, site_adapters, site_key, state_of,
                     trainable_params)
 
@@ -43,19 +49,95 @@ def _layout(model: nn.Module, name: str) -> tuple[dict[str, list[int]], dict[str
 
 
 def save_adapters(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
-    """Write one adapter (default: the active one) to the directory ``path``."""
+    """Write one adapter (default: the only active one) to the directory ``path``.
+
+    Atomic as a unit: the config records the sha256 of the weights file, both are written
+    to temporary siblings and moved into place weights first, and the previous weights stay
+    next to them (``adapter_model.safetensors.prev``) until the new config is in place, so
+    an interrupted save leaves the previous checkpoint loadable (:func:`load_adapters`
+    falls back to it) and never a silent mix of new weights and an old config.
+    """
     st = require_state(model)
-    name = name or st.active[0]
+    if name is None:
+        if len(st.active) != 1:
+            raise AdapterError(
+                f"save_adapters needs name=... when {len(st.active)} adapters are active ({list(st.active)}); "
+                f"this model has {sorted(st.specs)}"
+            )
+        name = st.active[0]
     if name not in st.specs:
         raise AdapterError(f"no adapter named {name!r}; this model has {sorted(st.specs)}")
-    tensors = checkpoint_params(model, name)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in checkpoint_params(model, name).items()}
+    meta = sorted(k for k, v in tensors.items() if v.is_meta)
+    if meta:
+        raise AdapterError(f"adapter {name!r} has tensors on the meta device ({meta[:3]}); materialise the model "
+                           f"(to_empty + load weights) before saving")
     sites, groups = _layout(model, name)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / WEIGHTS_NAME))
+    if path.exists() and not path.is_dir():
+        raise AdapterError(f"{path} exists and is not a directory; save_adapters writes a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdapterError(f"cannot create the adapter directory {path}: {e}") from None
     cfg = {"format": FORMAT, "adapter": name, "spec": st.specs[name].to_dict(), "sites": sites, "groups": groups}
-    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+    _write_checkpoint(path, tensors, cfg)
     return path
+
+
+PREV_SUFFIX = ".prev"
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], cfg: dict) -> None:
+    """Weights and config as one unit (see save_adapters)."""
+    weights, config, prev = path / WEIGHTS_NAME, path / CONFIG_NAME, path / (WEIGHTS_NAME + PREV_SUFFIX)
+    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_w, tmp_c = path / (WEIGHTS_NAME + tag), path / (CONFIG_NAME + tag)
+    try:
+        try:
+            save_file(tensors, str(tmp_w))
+            cfg = {**cfg, "weights_sha256": _sha256(tmp_w)}
+            tmp_c.write_text(json.dumps(cfg, indent=2))
+        except OSError as e:
+            raise AdapterError(f"cannot write the adapter to {path}: {e}") from None
+        if weights.exists():
+            prev.unlink(missing_ok=True)
+            try:
+                os.link(weights, prev)
+            except OSError:
+                shutil.copy2(weights, prev)
+        os.replace(tmp_w, weights)
+        os.replace(tmp_c, config)
+        prev.unlink(missing_ok=True)
+    finally:
+        for t in (tmp_w, tmp_c):
+            t.unlink(missing_ok=True)
+
+
+def _checked_weights(path: Path, cfg: dict) -> Path:
+    """The weights file that belongs to ``cfg``: the current one, or the previous one left by
+    an interrupted save (with a warning); AdapterError if neither matches."""
+    weights = path / WEIGHTS_NAME
+    want = cfg.get("weights_sha256")
+    if want is None or not weights.is_file():
+        return weights  # older checkpoints carry no hash; a missing file is reported by the reader
+    if _sha256(weights) == want:
+        return weights
+    prev = path / (WEIGHTS_NAME + PREV_SUFFIX)
+    if prev.is_file() and _sha256(prev) == want:
+        warnings.warn(f"{path}: a save was interrupted after writing new weights; loading the previous, complete "
+                      f"checkpoint ({prev.name}). Save again to replace it.", AdapterWarning, stacklevel=3)
+        return prev
+    raise AdapterError(f"{weights} does not match {path / CONFIG_NAME} (sha256 differs: an interrupted or mixed "
+                       f"save); save the adapter again")
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -71,9 +153,12 @@ def _read_json(file: Path) -> dict:
     if not file.is_file():
         raise AdapterError(f"adapter config not found: {file}")
     try:
-        return json.loads(file.read_text())
+        d = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise AdapterError(f"{file} holds a JSON {type(d).__name__}, not an adapter config object")
+    return d
 
 
 def _expected(model: nn.Module, cfg: MethodConfig, sites: list[str]) -> tuple[dict[str, tuple], dict[str, list[str]]]:
@@ -127,6 +212,10 @@ def tensor_mismatch(expected: Mapping[str, tuple], got: Mapping[str, tuple], *, 
 
 
 def _check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple], source: str) -> None:
+    not_float = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise AdapterError(f"{source}: adapter tensors must be floating point, got {not_float[:4]}; casting them "
+                           f"would hide a wrong file")
     why = tensor_mismatch(shapes, {k: tuple(t.shape) for k, t in tensors.items()})
     if why:
         raise AdapterError(f"{source} does not fit this model/spec ({why}); load it into the model and "
@@ -134,10 +223,26 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tup
 
 
 def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
-             tensors: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+             tensors: Mapping[str, torch.Tensor], source: str, is_trainable: bool | None = None,
+             activate: bool | None = None) -> nn.Module:
+    check_adapter_name(name)
+    for arg, v in (("is_trainable", is_trainable), ("activate", activate)):
+        if v is not None and not isinstance(v, bool):
+            raise AdapterTypeError(f"{arg} must be True or False, got {v!r}")
+    st0 = state_of(model)
+    existed = st0 is not None and name in st0.specs
+    previous = tuple(n for n in (st0.active if st0 else ()) if n != name)
+    if activate is None:
+        activate = not previous
     shapes, groups = _expected(model, spec.method, sites)
     shapes.update({k: tuple(t.shape) for k, t in trainable_params(model, spec.trainable).items()})
     _check_tensors(tensors, shapes, source)
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise AdapterError(
+            f"{type(model).__name__} has parameters on the meta device ({on_meta[:3]}); loaded adapter weights would "
+            f"be lost by to_empty(). Fix: materialise the model (to_empty + load its weights) before load_adapters"
+        )
     st = state_of(model)
     if st is not None and name in st.specs:
         have = {c.site for _, _, c in site_adapters(model) if name in c}
@@ -146,36 +251,75 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
                 f"adapter {name!r} on the model has {st.specs[name].method!r} at {len(have)} sites; {source} has "
                 f"{spec.method!r} at {len(sites)} sites; load it under another name"
             )
+        merged = sorted(c.site for _, _, c in site_adapters(model) if name in c.merged)
+        if merged:
+            raise AdapterError(
+                f"adapter {name!r} is merged into the base weights ({merged[:3]}); replacing its tensors now would "
+                f"make a later unmerge() subtract the wrong delta. Fix: peftcompile.unmerge(model) first"
+            )
     else:
-        adapt(model, AdapterSpec(spec.method, tuple(sites), trainable=spec.trainable), name)
+        # exact names: a recorded site "fc" must not also select "sub.fc"
+        plan = plan_adapt(model, AdapterSpec(spec.method, exact_targets(sites), trainable=spec.trainable), name)
+        if set(plan.sites) != set(sites):
+            raise AdapterError(f"{source}: sites {sorted(set(sites) - set(plan.sites))[:4]} cannot be adapted on "
+                               f"this {type(model).__name__}")
+        apply_plan_(model, plan)
     own = checkpoint_params(model, name)
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(tensors[k])
+    st = state_of(model)
+    if is_trainable is None:
+        is_trainable = existed and name not in st.frozen
+    st.frozen = (st.frozen - {name}) if is_trainable else (st.frozen | {name})
+    set_active(model, (name,) if activate else previous or (name,))
     return model
 
 
-def load_adapters(model: nn.Module, path: str | Path, name: str | None = None) -> nn.Module:
+def load_adapters(model: nn.Module, path: str | Path, name: str | None = None, *,
+                  is_trainable: bool | None = None, activate: bool | None = None) -> nn.Module:
     """Load an adapter written by save_adapters (adapting the model if needed).
 
+    As in PEFT: a new adapter is loaded for inference (frozen) unless ``is_trainable=True``
+    (weights loaded into an existing adapter keep its mode unless ``is_trainable`` is given);
+    into a model without adapters it becomes the active one (``PeftModel.from_pretrained``),
+    into a model that has adapters it does not switch the active adapter
+    (``PeftModel.load_adapter``) unless ``activate=True``.
     If ``model`` already has an adapter of that name with the same spec and sites, its
     weights are replaced in place (no retrace, no recompile).
     """
     path = Path(path)
-    cfg = _read_json(path / CONFIG_NAME)
+    if not path.is_dir():
+        raise AdapterError(f"adapter directory not found: {path} (save_adapters writes a directory with "
+                           f"{WEIGHTS_NAME} and {CONFIG_NAME})")
+    file = path / CONFIG_NAME
+    cfg = _read_json(file)
+    if "peft_type" in cfg:
+        raise AdapterError(f"{file} is a PEFT adapter config; load it with peftcompile.load_peft_adapter")
     if cfg.get("format") != FORMAT:
-        raise AdapterError(f"{path / CONFIG_NAME} is not a peftcompile adapter config; for PEFT use load_peft_adapter")
-    tensors = _read_safetensors(path / WEIGHTS_NAME)
-    spec = AdapterSpec.from_dict(cfg["spec"])
+        raise AdapterError(f"{file} is not a peftcompile adapter config (format {cfg.get('format')!r}, expected "
+                           f"{FORMAT!r}); for PEFT use load_peft_adapter")
+    missing = [k for k in ("adapter", "spec", "sites") if k not in cfg]
+    if missing:
+        raise AdapterError(f"{file} misses the key(s) {missing}; save the adapter again with save_adapters")
+    if not isinstance(cfg["sites"], (dict, list)) or not isinstance(cfg.get("groups", {}), dict):
+        raise AdapterError(f"{file}: 'sites' must map site names to [in, out] and 'groups' group names to members")
+    try:
+        spec = AdapterSpec.from_dict(cfg["spec"])
+    except AdapterError as e:
+        raise AdapterError(f"{file}: {e}") from None
     name = name or cfg["adapter"]
     sites = list(cfg["sites"])
+    if not all(isinstance(s_, str) for s_ in sites):
+        raise AdapterError(f"{file}: site names must be strings, got {sites[:4]}")
+    tensors = _read_safetensors(_checked_weights(path, cfg))
     _, groups = _expected(model, spec.method, sites)
     if groups != {g: list(m) for g, m in cfg.get("groups", {}).items()}:
         raise AdapterError(
             f"{path}: shared tensors were saved for groups {sorted(cfg.get('groups', {}))} but the sites group "
             f"as {sorted(groups)} on this model"
         )
-    return _install(model, name, spec, sites, tensors, str(path))
+    return _install(model, name, spec, sites, tensors, str(path), is_trainable, activate)
 
 
 def _peft_formats() -> dict[str, tuple[str, object]]:
@@ -183,11 +327,24 @@ def _peft_formats() -> dict[str, tuple[str, object]]:
     return {m.peft.peft_type: (n, m.peft) for n, m in registered_methods().items() if m.peft is not None}
 
 
-# PEFT options that change the math; loading them as the plain method would be silently wrong.
-_PEFT_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+def _check_peft_options(c: dict, options: Mapping[str, object], source: Path) -> None:
+    """Only what is implemented exactly: a PEFT field we do not know, or a value that changes
+    the math (DoRA, rsLoRA, aLoRA, rank patterns, bias training, ...), is refused by name."""
+    unknown = sorted(k for k in c if k not in options)
+    if unknown:
+        raise AdapterError(f"{source}: PEFT config field(s) {unknown} are not supported by peftcompile (loading the "
+                           f"adapter without them could give wrong outputs)")
+    for k, allowed in options.items():
+        if allowed is ANY or k not in c:
+            continue
+        v = c[k]
+        if not any(v == a or (a in ({}, [], None) and not v) for a in allowed):
+            raise AdapterError(f"{source}: PEFT option {k}={v!r} is not supported by peftcompile "
+                               f"(supported: {list(allowed)}); loading it as plain weights would be silently wrong")
 
 
-def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "default") -> nn.Module:
+def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "default", *,
+                      is_trainable: bool | None = None, activate: bool | None = None) -> nn.Module:
     """Load an adapter written by PEFT's ``save_pretrained`` (the methods with a PEFT format).
 
     Outputs then equal PEFT's ``PeftModel`` on the same base model and inputs.
@@ -198,10 +355,8 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
     formats = _peft_formats()
     if ptype not in formats:
         raise AdapterError(f"{peft_dir}: PEFT type {ptype!r} is not supported; supported: {sorted(formats)}")
-    for opt, plain in _PEFT_UNSUPPORTED.items():
-        if c.get(opt) not in (None, plain):
-            raise AdapterError(f"{peft_dir}: PEFT option {opt}={c[opt]!r} is not supported by peftcompile")
     fmt = formats[ptype][1]
+    _check_peft_options(c, fmt.options, peft_dir / CONFIG_NAME)
     try:
         cfg = fmt.read_config(c)
     except (KeyError, TypeError, ValueError) as e:
@@ -220,4 +375,5 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
                 break
         else:
             raise AdapterError(f"{peft_dir}: unexpected tensor {key!r} for PEFT type {ptype}")
-    return _install(model, name, AdapterSpec(cfg, tuple(sites)), sites, tensors, str(peft_dir))
+    return _install(model, name, AdapterSpec(cfg, tuple(sites)), sites, tensors, str(peft_dir), is_trainable,
+                    activate)

@@ -9,11 +9,13 @@ merged, disabled), so switching adapters never retraces the fx graph.
 from __future__ import annotations
 
 import json
+import warnings
 
 import torch
 import torch.fx.traceback as fx_traceback
 from torch import nn
 
+from .errors import AdapterError, AdapterWarning
 from .methods import MethodConfig, method_for
 
 __all__ = ["SiteAdapter", "SiteAdapterSet", "SharedTensors", "ANNOTATION_KEY", "ROLE_KEY"]
@@ -87,6 +89,20 @@ class SiteAdapter(nn.Module):
         return f"{self.cfg!r}, site={self.site!r}"
 
 
+class _MergedGuard(torch.autograd.Function):
+    """Identity forward; a backward through a merged site raises the reason instead of
+    autograd's generic "does not require grad" (or a silently missing gradient)."""
+
+    @staticmethod
+    def forward(ctx, y, anchor, msg):
+        ctx.msg = msg
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        raise AdapterError(ctx.msg)
+
+
 class SiteAdapterSet(nn.ModuleDict):
     """All adapters of one site: y = base(x) + sum of the active, unmerged deltas."""
 
@@ -106,6 +122,15 @@ class SiteAdapterSet(nn.ModuleDict):
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return y
+        if self.merged and self.training and torch.is_grad_enabled():
+            # a merged adapter runs inside W: training would leave it untouched (no grad, or
+            # autograd's "does not require grad"); warn now, and fail clearly on backward
+            msg = (f"{self.site}: adapter(s) {list(self.merged)} are merged into the base weight, so training does "
+                   f"not update them; call peftcompile.unmerge(model) before training (or model.eval() for inference)")
+            warnings.warn(msg, AdapterWarning, stacklevel=2)
+            anchor = next((p for n in self.merged if n in self for p in self[n].parameters() if p.requires_grad), None)
+            if anchor is not None:
+                y = _MergedGuard.apply(y, anchor, msg)
         for name in self.active:
             if name in self.merged or name not in self:
                 continue

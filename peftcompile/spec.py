@@ -11,18 +11,34 @@ from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 
+from .errors import AdapterError, AdapterTypeError
 from .methods import MethodConfig, config_from_dict
 
-__all__ = ["AdapterSpec", "Placement", "Targets", "select_modules", "select_sites"]
+__all__ = ["AdapterSpec", "Placement", "Targets", "select_modules", "select_sites", "exact_targets"]
 
 Targets = Union[str, Sequence[str]]
 ALL_LINEAR = "all-linear"
 
 
-def _norm(t: Targets | None) -> Targets | None:
+def _norm(t: Targets | None, what: str) -> Targets | None:
     if t is None or isinstance(t, str):
         return t
-    return tuple(t)
+    try:
+        t = tuple(t)
+    except TypeError:
+        raise AdapterTypeError(f"AdapterSpec.{what} must be a str or a list of str, got {t!r}") from None
+    bad = [x for x in t if not isinstance(x, str) or not x]
+    if bad:
+        raise AdapterTypeError(
+            f"AdapterSpec.{what} must hold non-empty module names (str), got {bad!r} in {list(t)!r}"
+        )
+    return t
+
+
+def exact_targets(names: Iterable[str]) -> str:
+    """A ``targets`` regex that selects exactly these site names (no suffix matching: ``fc``
+    must not also select ``sub.fc``). Used for sites recorded in placements and checkpoints."""
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
 @dataclass(frozen=True)
@@ -46,25 +62,27 @@ class AdapterSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, MethodConfig):
-            raise TypeError(
+            raise AdapterTypeError(
                 f"AdapterSpec.method must be a method config such as peftcompile.LoRA(r=8, alpha=16), "
                 f"got {type(self.method).__name__}"
             )
-        object.__setattr__(self, "targets", _norm(self.targets))
-        object.__setattr__(self, "exclude", _norm(self.exclude))
-        object.__setattr__(self, "trainable", _norm(self.trainable))
+        object.__setattr__(self, "targets", _norm(self.targets, "targets"))
+        object.__setattr__(self, "exclude", _norm(self.exclude, "exclude"))
+        object.__setattr__(self, "trainable", _norm(self.trainable, "trainable"))
+        if self.targets is None:
+            raise AdapterTypeError("AdapterSpec.targets must be 'all-linear', a regex or a list of module names, not None")
         for t in (self.targets, self.exclude, self.trainable):
-            if t is not None and not isinstance(t, (str, tuple)):
-                raise TypeError(f"targets/exclude must be a str or a list of str, got {t!r}")
             if isinstance(t, str) and t != ALL_LINEAR:
                 try:
                     re.compile(t)
                 except re.error as e:
-                    raise ValueError(f"target pattern {t!r} is not a valid regex: {e}") from None
+                    raise AdapterError(f"target pattern {t!r} is not a valid regex: {e}") from None
 
     def with_placement(self, placement: "Placement") -> "AdapterSpec":
         """This spec restricted to a placement's kept sites (warm-started from its weights)."""
-        return AdapterSpec(self.method, tuple(placement.sites), None, placement, self.trainable)
+        if not placement.sites:
+            raise AdapterError("the placement keeps no site; search again with a larger budget")
+        return AdapterSpec(self.method, exact_targets(placement.sites), None, placement, self.trainable)
 
     def to_dict(self) -> dict:
         return {"method": self.method.to_dict(), "targets": _json_targets(self.targets),
@@ -72,6 +90,13 @@ class AdapterSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "AdapterSpec":
+        """The spec of ``to_dict``; AdapterError names what is missing or malformed."""
+        if not isinstance(d, Mapping) or not isinstance(d.get("method"), Mapping):
+            raise AdapterError(f"an adapter spec needs a 'method' mapping (MethodConfig.to_dict(): {{'method': <registered name>, ...}}), "
+                               f"got {d!r:.200}")
+        unknown = sorted(set(d) - {"method", "targets", "exclude", "trainable"})
+        if unknown:
+            raise AdapterError(f"unknown adapter spec field(s) {unknown}; known: method, targets, exclude, trainable")
         return cls(config_from_dict(d["method"]), d.get("targets", ALL_LINEAR), d.get("exclude"),
                    trainable=d.get("trainable"))
 
@@ -80,7 +105,7 @@ def _json_targets(t: Targets | None):
     return list(t) if isinstance(t, tuple) else t
 
 
-def _matches(name: str, t: Targets) -> bool:
+def matches(name: str, t: Targets) -> bool:
     if isinstance(t, str):
         return re.fullmatch(t, name) is not None
     for pat in t:
@@ -93,7 +118,7 @@ def _matches(name: str, t: Targets) -> bool:
 
 def select_modules(names: Iterable[str], patterns: Targets) -> list[str]:
     """Module names matching ``patterns`` (suffix list or regex), e.g. ``spec.trainable``."""
-    return [n for n in names if n and _matches(n, patterns)]
+    return [n for n in names if n and matches(n, patterns)]
 
 
 def select_sites(names: Iterable[str], spec: AdapterSpec, head: set[str]) -> list[str]:
@@ -103,9 +128,9 @@ def select_sites(names: Iterable[str], spec: AdapterSpec, head: set[str]) -> lis
         if spec.targets == ALL_LINEAR:
             if n in head:
                 continue
-        elif not _matches(n, spec.targets):
+        elif not matches(n, spec.targets):
             continue
-        if spec.exclude is not None and spec.exclude != ALL_LINEAR and _matches(n, spec.exclude):
+        if spec.exclude is not None and spec.exclude != ALL_LINEAR and matches(n, spec.exclude):
             continue
         out.append(n)
     return out

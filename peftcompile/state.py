@@ -56,6 +56,7 @@ class ModelState:
     active: tuple[str, ...] = ()
     units: set[str] = field(default_factory=set)
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    frozen: set[str] = field(default_factory=set)  # adapters in inference mode: active but not trainable
 
 
 def state_of(model: nn.Module) -> ModelState | None:

@@ -50,7 +50,7 @@ def test_round_trip_exact(tmp_path, method):
 
     torch.manual_seed(0)
     fresh = tiny_llama().eval()
-    pc.load_adapters(fresh, tmp_path)
+    pc.load_adapters(fresh, tmp_path, is_trainable=True)
     assert torch.equal(logits(fresh, ids()), y)
     a = {k: v for k, v in m.state_dict().items() if "peftcompile" in k}
     b = {k: v for k, v in fresh.state_dict().items() if "peftcompile" in k}
@@ -105,13 +105,21 @@ def test_load_errors_leave_model_unchanged(tmp_path):
     t.pop(next(iter(t)))
     save_file(t, str(tmp_path / "missing" / "adapter_model.safetensors"))
     (tmp_path / "missing" / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
+    # the config's weights hash catches the hand-made mix first ...
+    with pytest.raises(pc.AdapterError, match="sha256 differs"):
+        pc.load_adapters(target, tmp_path / "missing")
+    assert_unchanged(target, snap)
+    # ... and without a hash (older or hand-written configs) the tensors themselves are checked
+    cfg = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
+    del cfg["weights_sha256"]
+    (tmp_path / "missing" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(pc.AdapterError, match="missing tensors"):
         pc.load_adapters(target, tmp_path / "missing")
     assert_unchanged(target, snap)
     # not a safetensors file
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
-    (tmp_path / "bad" / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(pc.AdapterError, match="not a readable safetensors"):
         pc.load_adapters(target, tmp_path / "bad")
     assert_unchanged(target, snap)
@@ -197,11 +205,14 @@ def test_trainable_modules_train_and_round_trip(tmp_path):
     pc.save_adapters(m, tmp_path)
     torch.manual_seed(0)
     fresh = tiny_llama().eval()
-    pc.load_adapters(fresh, tmp_path)
+    pc.load_adapters(fresh, tmp_path, is_trainable=True)
     assert torch.equal(logits(fresh, ids()), y)
     assert fresh.lm_head.weight.requires_grad and pc.adapters_of(fresh)["default"].trainable == ("lm_head",)
-    # a second adapt keeps the head trainable (it re-freezes only the base)
+    # the head trains with its adapter: a second adapter (now the only active one) freezes it,
+    # activating both makes it trainable again (issue #11: it used to stay trainable)
     pc.adapt(fresh, pc.AdapterSpec(pc.LoRA(r=2), targets=["v_proj"]), name="b")
+    assert not fresh.lm_head.weight.requires_grad
+    pc.set_active(fresh, ["default", "b"])
     assert fresh.lm_head.weight.requires_grad
 
 

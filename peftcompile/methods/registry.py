@@ -34,6 +34,10 @@ __all__ = [
     "same_shape",
     "shape_mismatch",
     "shapes_check",
+    "check_scale",
+    "check_positive_int",
+    "check_dropout",
+    "ANY",
 ]
 
 Params = Mapping[str, torch.Tensor]
@@ -47,6 +51,15 @@ class MethodConfig:
 
     def to_dict(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self)}
+
+    def __post_init__(self) -> None:
+        # the shared checks of every method's usual fields; methods add their own
+        if hasattr(self, "r"):
+            check_positive_int(self.name, "r", self.r)
+        if hasattr(self, "alpha"):
+            check_scale(self.name, "alpha", self.alpha)
+        if hasattr(self, "dropout"):
+            check_dropout(self.name, self.dropout)
 
     @property
     def dropout_p(self) -> float:
@@ -135,6 +148,14 @@ class PeftFormat:
     peft_type: str
     keys: Mapping[str, str]
     read_config: Callable[[dict], MethodConfig]
+    #: every PEFT config field we know -> the values we honour exactly (a tuple) or ANY.
+    #: A field not listed, or a value not allowed, is refused by name: loading it as the
+    #: plain method would give wrong outputs silently (DoRA, rsLoRA, aLoRA, rank patterns...).
+    options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+
+#: PeftFormat.options value: any value of that field is honoured (it does not change the math).
+ANY = object()
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -177,9 +198,48 @@ def kaiming_(t: torch.Tensor) -> None:
 
 
 def config_from_dict(d: Mapping) -> MethodConfig:
+    """A method config from ``MethodConfig.to_dict()`` (e.g. read from a checkpoint).
+
+    Raises AdapterError naming an unknown method, unknown or missing fields and bad values."""
+    from ..errors import AdapterError
+
     d = dict(d)
-    method = get_method(d.pop("method"))
-    return method.config_cls(**d)
+    name = d.pop("method", None)
+    if name not in _REGISTRY:
+        raise AdapterError(f"unknown method {name!r}; registered: {sorted(_REGISTRY)}")
+    cls = _REGISTRY[name].config_cls
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise AdapterError(f"{name}: unknown config field(s) {unknown}; known: {sorted(fields)}")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{name}: invalid config {d}: {e}") from None
+
+
+def check_scale(method: str, name: str, value: object) -> None:
+    """A scaling hyper-parameter (alpha) must be a finite, non-zero real number: NaN/inf would
+    poison every output, and 0 silently turns the adapter off."""
+    from ..errors import AdapterError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+        raise AdapterError(f"{method}: {name} must be a finite non-zero number, got {value!r}")
+
+
+def check_positive_int(method: str, name: str, value: object, minimum: int = 1) -> None:
+    from ..errors import AdapterError
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise AdapterError(f"{method}: {name} must be {what}, got {value!r}")
+
+
+def check_dropout(method: str, value: object) -> None:
+    from ..errors import AdapterError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise AdapterError(f"{method}: dropout must be in [0, 1), got {value!r}")
 
 
 def same_shape(a, b) -> bool:

@@ -16,8 +16,10 @@ the same module instance.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -91,11 +93,13 @@ def trace(m: nn.Module) -> fx.Graph:
 
 
 def _trace_both_modes(m: nn.Module) -> fx.Graph:
-    """Trace in train and eval mode; refuse graphs that froze ``self.training``."""
+    """Trace in train and eval mode; refuse graphs that froze ``self.training`` or another
+    run-time Python attribute (a flag, a dtype) read by ``forward``."""
     was = [(x, x.training) for x in m.modules()]
     try:
         m.train(True)
-        g_train = trace(m)
+        with _attribute_reads(m) as reads:
+            g_train = trace(m)
         m.train(False)
         g_eval = trace(m)
     finally:
@@ -103,7 +107,64 @@ def _trace_both_modes(m: nn.Module) -> fx.Graph:
             x.training = t
     if g_train.python_code("self").src != g_eval.python_code("self").src:
         raise RuntimeError("its traced graph depends on train/eval mode (self.training was frozen)")
+    frozen = sorted(reads)
+    if frozen:
+        raise RuntimeError(f"its forward reads Python attributes that a trace would freeze: {frozen[:4]}")
     return g_eval
+
+
+#: Attribute values a whole-module trace may bake in: sizes and other structure (changing a
+#: layer's width after construction breaks the module anyway). Flags, dtypes, devices,
+#: floats and strings are run-time switches: a module reading them is captured per site.
+_STRUCTURAL = (int,)
+
+
+def _structural(v: object) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, _STRUCTURAL):
+        return True
+    return isinstance(v, tuple) and all(_structural(i) for i in v)
+
+
+@contextmanager
+def _attribute_reads(root: nn.Module):
+    """Record ``self.<name>`` reads of plain instance attributes during a trace: the module
+    classes are swapped, for the trace only, for subclasses whose ``__getattribute__``
+    notes reads of non-structural values (see :data:`_STRUCTURAL`)."""
+    reads: set[str] = set()
+    swapped = []
+    paths = {id(x): n for n, x in root.named_modules()}
+
+    def hook(self, name):
+        v = object.__getattribute__(self, name)
+        if not name.startswith("_") and name != "training":
+            d = object.__getattribute__(self, "__dict__")
+            if name in d and not isinstance(v, (nn.Module, torch.Tensor)) and not callable(v) and not _structural(v):
+                path = paths.get(id(self), "")
+                reads.add(f"{path}.{name}" if path else f"self.{name}")
+        return v
+
+    for x in root.modules():
+        if is_site_module(x) or type(x).__module__.startswith("torch.nn"):
+            continue  # leaves: not traced into
+        cls = type(x)
+        sub = _TRACKED.get(cls)
+        if sub is None:
+            sub = _TRACKED[cls] = type(cls.__name__, (cls,), {"__getattribute__": hook, "__module__": cls.__module__,
+                                                              "__qualname__": cls.__qualname__})
+        else:
+            sub.__getattribute__ = hook
+        swapped.append((x, cls))
+        x.__class__ = sub
+    try:
+        yield reads
+    finally:
+        for x, cls in swapped:
+            x.__class__ = cls
+
+
+_TRACKED: dict[type, type] = {}
 
 
 def capture(model: nn.Module) -> Capture:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import Lowering, Method, PeftFormat, register_method, shapes_check
+from ..registry import ANY, Lowering, Method, PeftFormat, register_method, shapes_check
 from .math import (GraLoRA, gralora_as_lora, gralora_check_site, gralora_delta, gralora_delta_weight, gralora_init,
                    gralora_shapes)
 
@@ -20,6 +20,15 @@ def _lower(emit, x, w, b, p, cfg: GraLoRA):
 def _from_peft(c: dict) -> GraLoRA:
     return GraLoRA(r=int(c["r"]), k=int(c["gralora_k"]), alpha=float(c["alpha"]),
                    hybrid_r=int(c.get("hybrid_r", 0)), dropout=float(c.get("gralora_dropout", 0.0)))
+
+
+# PEFT 0.21 GraloraConfig fields (see lora/__init__.py for the convention).
+_PEFT_OPTIONS = {
+    **{k: ANY for k in ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                        "revision", "inference_mode", "r", "hybrid_r", "target_modules", "alpha", "gralora_dropout",
+                        "gralora_k", "fan_in_fan_out", "init_weights", "layers_pattern")},
+    "bias": ("none",), "modules_to_save": (None,), "layers_to_transform": (None,),
+}
 
 
 register_method(
@@ -42,6 +51,7 @@ register_method(
             {"gralora_A": "gralora_A", "gralora_B": "gralora_B",
              "gralora_A_general.weight": "gralora_A_hybrid", "gralora_B_general.weight": "gralora_B_hybrid"},
             _from_peft,
+            _PEFT_OPTIONS,
         ),
         as_lora=gralora_as_lora,
     )

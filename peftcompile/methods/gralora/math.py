@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lowrank import block_as_lowrank, block_lowrank, block_lowrank_weight
-from ..registry import MethodConfig, Params, kaiming_
+from ...errors import AdapterError
+from ..registry import MethodConfig, Params, check_positive_int, kaiming_
 
 __all__ = ["GraLoRA", "gralora_delta", "gralora_delta_weight", "gralora_as_lora", "gralora_shapes", "gralora_init",
            "gralora_check_site"]
@@ -31,16 +32,11 @@ class GraLoRA(MethodConfig):
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"GraLoRA: r must be a positive int, got {self.r!r}")
-        if not isinstance(self.k, int) or self.k <= 0:
-            raise ValueError(f"GraLoRA: k must be a positive int, got {self.k!r}")
+        super().__post_init__()  # r, alpha, dropout
+        check_positive_int("GraLoRA", "k", self.k)
         if self.r % self.k:
-            raise ValueError(f"GraLoRA: k={self.k} must divide r={self.r}; pick r as a multiple of k")
-        if not isinstance(self.hybrid_r, int) or self.hybrid_r < 0:
-            raise ValueError(f"GraLoRA: hybrid_r must be an int >= 0, got {self.hybrid_r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GraLoRA: dropout must be in [0, 1), got {self.dropout!r}")
+            raise AdapterError(f"GraLoRA: k={self.k} must divide r={self.r}; pick r as a multiple of k")
+        check_positive_int("GraLoRA", "hybrid_r", self.hybrid_r, minimum=0)
 
     @property
     def scaling(self) -> float:

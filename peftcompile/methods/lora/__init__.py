@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import Lowering, Method, PeftFormat, register_method, shapes_check
+from ..registry import ANY, Lowering, Method, PeftFormat, register_method, shapes_check
 from .math import LoRA, lora_as_lora, lora_delta, lora_delta_weight, lora_init, lora_shapes
 
 __all__ = ["LoRA", "lora_delta", "lora_delta_weight"]
@@ -20,6 +20,24 @@ def _from_peft(c: dict) -> LoRA:
     return LoRA(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)))
 
 
+# PEFT 0.21 LoraConfig fields: ANY = does not change the loaded math; a tuple = the values we
+# implement exactly. Everything else (DoRA, rsLoRA, aLoRA, patterns, bias, weight-modifying
+# inits such as PiSSA/OLoRA/LoftQ/CorDA, target_parameters, ...) is refused by name.
+_PEFT_OPTIONS = {
+    **{k: ANY for k in ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                        "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
+                        "lora_dropout", "fan_in_fan_out", "megatron_core", "qalora_group_size", "runtime_config",
+                        "layers_pattern", "ensure_weight_tying", "eva_config")},
+    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
+    "bias": ("none",), "use_rslora": (False,), "use_dora": (False,), "use_qalora": (False,), "lora_bias": (False,),
+    "modules_to_save": (None,), "layers_to_transform": (None,), "rank_pattern": ({},), "alpha_pattern": ({},),
+    "megatron_config": (None,), "trainable_token_indices": (None,), "loftq_config": ({},), "corda_config": (None,),
+    "lora_ga_config": (None,), "velora_config": (None,), "alora_invocation_tokens": (None,),
+    "monteclora_config": (None,), "layer_replication": (None,), "target_parameters": (None,),
+    "use_bdlora": (None,), "arrow_config": (None,), "kasa_config": (None,),
+}
+
+
 register_method(
     Method(
         name="lora",
@@ -31,7 +49,7 @@ register_method(
         check_site=lambda cfg, in_f, out_f: None,
         lowering=Lowering(shapes_check(lora_shapes), _lower),
         rank_axes={"lora_A": (0,), "lora_B": (1,)},
-        peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, _from_peft),
+        peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, _from_peft, _PEFT_OPTIONS),
         as_lora=lora_as_lora,
     )
 )

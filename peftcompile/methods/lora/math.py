@@ -21,10 +21,7 @@ class LoRA(MethodConfig):
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRA: r must be a positive int, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA: dropout must be in [0, 1), got {self.dropout!r}")
+        super().__post_init__()  # r, alpha, dropout
 
     @property
     def scaling(self) -> float:

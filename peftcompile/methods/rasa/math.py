@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lowrank import lowrank, lowrank_weight
+from ...errors import AdapterError
 from ..registry import MethodConfig, Params, kaiming_
 
 __all__ = ["RaSA", "rasa_delta", "rasa_delta_weight", "rasa_group_key", "rasa_as_lora", "rasa_full", "rasa_shapes",
@@ -29,14 +30,11 @@ class RaSA(MethodConfig):
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"RaSA: r must be a positive int, got {self.r!r}")
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"RaSA: k must be an int >= 1, got {self.k!r}")
+        super().__post_init__()  # r, alpha, dropout
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise AdapterError(f"RaSA: k must be an int >= 1, got {self.k!r}")
         if self.k >= self.r:
-            raise ValueError(f"RaSA: k={self.k} must be smaller than r={self.r} (typically r/8)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"RaSA: dropout must be in [0, 1), got {self.dropout!r}")
+            raise AdapterError(f"RaSA: k={self.k} must be smaller than r={self.r} (typically r/8)")
 
     def effective_rank(self, n_layers: int) -> int:
         return self.r - self.k + n_layers * self.k
