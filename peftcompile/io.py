@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -48,8 +49,14 @@ def _layout(model: nn.Module, name: str) -> tuple[dict[str, list[int]], dict[str
     return sites, groups
 
 
-def save_adapters(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
+def save_adapters(model: nn.Module, path: str | Path, name: str | None = None, *,
+                  format: str = "peftcompile") -> Path:
     """Write one adapter (default: the only active one) to the directory ``path``.
+
+    ``format="peft"`` writes PEFT's own layout (``base_model.model.<site>.<PEFT key>`` and a
+    PEFT ``adapter_config.json``) for methods that declare a PEFT format (LoRA, GraLoRA), so
+    ``PeftModel.from_pretrained`` and serving stacks that read PEFT LoRA load it; the sites
+    are written as an exact-match regex in ``target_modules``.
 
     Atomic as a unit: the config records the sha256 of the weights file, both are written
     to temporary siblings and moved into place weights first, and the previous weights stay
@@ -73,6 +80,12 @@ def save_adapters(model: nn.Module, path: str | Path, name: str | None = None) -
         raise AdapterError(f"adapter {name!r} has tensors on the meta device ({meta[:3]}); materialise the model "
                            f"(to_empty + load weights) before saving")
     sites, groups = _layout(model, name)
+    if format not in ("peftcompile", "peft"):
+        raise AdapterError(f"format must be 'peftcompile' or 'peft', got {format!r}")
+    if format == "peft":
+        tensors, cfg = _peft_checkpoint(model, st.specs[name], name, tensors, sites)
+    else:
+        cfg = {"format": FORMAT, "adapter": name, "spec": st.specs[name].to_dict(), "sites": sites, "groups": groups}
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise AdapterError(f"{path} exists and is not a directory; save_adapters writes a directory")
@@ -80,9 +93,37 @@ def save_adapters(model: nn.Module, path: str | Path, name: str | None = None) -
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AdapterError(f"cannot create the adapter directory {path}: {e}") from None
-    cfg = {"format": FORMAT, "adapter": name, "spec": st.specs[name].to_dict(), "sites": sites, "groups": groups}
-    _write_checkpoint(path, tensors, cfg)
+    _write_checkpoint(path, tensors, cfg, peft_layout=format == "peft")
     return path
+
+
+def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: dict[str, torch.Tensor],
+                     sites: Mapping[str, list[int]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Our tensors and spec in PEFT's layout (validated first: AdapterError if not expressible)."""
+    method = method_for(spec.method)
+    fmt = method.peft
+    if fmt is None or fmt.write_config is None:
+        have = sorted(n for n, m in registered_methods().items() if m.peft is not None and m.peft.write_config)
+        raise AdapterError(f"adapter {name!r} ({spec.method.name}) has no PEFT format; format='peft' supports {have}. "
+                           f"Use the default format")
+    if spec.trainable is not None:
+        raise AdapterError(f"adapter {name!r} trains modules {spec.trainable!r} in place; PEFT's modules_to_save copies "
+                           f"are not written yet. Save with the default format")
+    ours_to_peft = {ours: suffix for suffix, ours in fmt.keys.items()}
+    out = {}
+    for site in sites:
+        for param, suffix in ours_to_peft.items():
+            key = site_key(site, param)
+            if key in tensors:
+                out[f"base_model.model.{site}.{suffix}"] = tensors.pop(key)
+    if tensors:
+        raise AdapterError(f"adapter {name!r}: tensors {sorted(tensors)[:4]} have no PEFT key; save with the "
+                           f"default format")
+    cfg = {"peft_type": fmt.peft_type, "task_type": None, "inference_mode": True, "bias": "none",
+           "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+           "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
+           "target_modules": exact_targets(sites), **fmt.write_config(spec.method)}
+    return out, cfg
 
 
 PREV_SUFFIX = ".prev"
@@ -96,16 +137,22 @@ def _sha256(file: Path) -> str:
     return h.hexdigest()
 
 
-def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], cfg: dict) -> None:
-    """Weights and config as one unit (see save_adapters)."""
+def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], cfg: dict, *, peft_layout: bool = False) -> None:
+    """Weights and config as one unit (see save_adapters). Our config records the weights'
+    sha256; a PEFT-layout config must stay PEFT's (PEFT warns on unknown keys), so there the
+    weights' safetensors metadata records the config's sha256 instead."""
     weights, config, prev = path / WEIGHTS_NAME, path / CONFIG_NAME, path / (WEIGHTS_NAME + PREV_SUFFIX)
     tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_w, tmp_c = path / (WEIGHTS_NAME + tag), path / (CONFIG_NAME + tag)
     try:
         try:
-            save_file(tensors, str(tmp_w))
-            cfg = {**cfg, "weights_sha256": _sha256(tmp_w)}
-            tmp_c.write_text(json.dumps(cfg, indent=2))
+            if peft_layout:
+                text = json.dumps(cfg, indent=2)
+                save_file(tensors, str(tmp_w), metadata={"format": "pt", CONFIG_HASH_KEY: _sha256_bytes(text.encode())})
+            else:
+                save_file(tensors, str(tmp_w))
+                text = json.dumps({**cfg, "weights_sha256": _sha256(tmp_w)}, indent=2)
+            tmp_c.write_text(text)
         except OSError as e:
             raise AdapterError(f"cannot write the adapter to {path}: {e}") from None
         if weights.exists():
@@ -122,22 +169,40 @@ def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], cfg: dict) -
             t.unlink(missing_ok=True)
 
 
+CONFIG_HASH_KEY = "peftcompile_config_sha256"
+
+
+def _sha256_bytes(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def _belongs(weights: Path, cfg: dict, config_file: Path) -> bool | None:
+    """Whether ``weights`` was written with this config (None: the checkpoint records no link)."""
+    if "weights_sha256" in cfg:
+        return _sha256(weights) == cfg["weights_sha256"]
+    try:
+        with safe_open(str(weights), "pt") as f:
+            want = (f.metadata() or {}).get(CONFIG_HASH_KEY)
+    except (SafetensorError, OSError):
+        return None
+    if want is None:
+        return None
+    return _sha256_bytes(config_file.read_bytes()) == want
+
+
 def _checked_weights(path: Path, cfg: dict) -> Path:
     """The weights file that belongs to ``cfg``: the current one, or the previous one left by
     an interrupted save (with a warning); AdapterError if neither matches."""
-    weights = path / WEIGHTS_NAME
-    want = cfg.get("weights_sha256")
-    if want is None or not weights.is_file():
-        return weights  # older checkpoints carry no hash; a missing file is reported by the reader
-    if _sha256(weights) == want:
-        return weights
+    weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
+    if not weights.is_file() or _belongs(weights, cfg, config) in (True, None):
+        return weights  # older checkpoints record no link; a missing file is reported by the reader
     prev = path / (WEIGHTS_NAME + PREV_SUFFIX)
-    if prev.is_file() and _sha256(prev) == want:
+    if prev.is_file() and _belongs(prev, cfg, config):
         warnings.warn(f"{path}: a save was interrupted after writing new weights; loading the previous, complete "
                       f"checkpoint ({prev.name}). Save again to replace it.", AdapterWarning, stacklevel=3)
         return prev
-    raise AdapterError(f"{weights} does not match {path / CONFIG_NAME} (sha256 differs: an interrupted or mixed "
-                       f"save); save the adapter again")
+    raise AdapterError(f"{weights} does not match {config} (sha256 differs: an interrupted or mixed save); save the "
+                       f"adapter again")
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -362,7 +427,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{peft_dir / CONFIG_NAME}: cannot read the {ptype} config ({type(e).__name__}: {e})") from None
     suffixes = fmt.keys
-    raw = _read_safetensors(peft_dir / WEIGHTS_NAME)
+    raw = _read_safetensors(_checked_weights(peft_dir, c))
     tensors, sites = {}, []
     for key, t in raw.items():
         k = key.removeprefix("base_model.model.")

@@ -6,6 +6,8 @@ base-model state dicts. Each compares with the plain model or PEFT's behaviour.
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 
 import pytest
 import torch
@@ -156,3 +158,50 @@ def test_base_model_state_dict_round_trip():
     torch.testing.assert_close(m.fc1.weight, new["fc1.weight"])
     with pytest.raises(pc.AdapterError, match="missing"):
         pc.set_base_model_state_dict(m, {"fc1.weight": new["fc1.weight"]})
+
+
+@pytest.mark.parametrize("family", ["mlp", "llama"])
+@pytest.mark.parametrize("method", [pc.LoRA(r=4, alpha=8), pc.GraLoRA(r=4, k=2, alpha=8, hybrid_r=2)],
+                         ids=["lora", "gralora"])
+def test_save_in_peft_format_loads_in_peft_with_equal_outputs(tmp_path, family, method):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    if family == "mlp":
+        base, x = MLP().eval(), {"x": torch.randn(3, 16)}
+    else:
+        base, x = tiny_llama(num_hidden_layers=1).eval(), {"input_ids": torch.randint(3, 100, (2, 6))}
+    m = pc.adapt(copy.deepcopy(base), pc.AdapterSpec(method, targets="all-linear"))
+    randomize_adapters_(m, std=0.1)
+    pc.save_adapters(m, tmp_path / "p", format="peft")
+    cfg = __import__("json").loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert "weights_sha256" not in cfg  # a pure PEFT config (PEFT warns on unknown keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # PEFT reads it without complaint
+        pm = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
+    out = lambda mod: mod(**x).logits if family == "llama" else mod(**x)  # noqa: E731
+    with torch.no_grad():
+        want, got = out(m), out(pm)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        back = pc.load_peft_adapter(copy.deepcopy(base), tmp_path / "p")
+        torch.testing.assert_close(out(back), want, rtol=0, atol=0)
+
+
+def test_peft_format_refuses_what_peft_cannot_hold_and_detects_a_mixed_checkpoint(tmp_path):
+    m = tiny_llama(num_hidden_layers=2)
+    pc.adapt(m, pc.AdapterSpec(pc.RaSA(r=4, k=1), targets=["q_proj"]))
+    with pytest.raises(pc.AdapterError, match="has no PEFT format"):
+        pc.save_adapters(m, tmp_path / "r", format="peft")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(pc.AdapterError, match="trains modules"):
+        pc.save_adapters(pc.adapt(MLP(), pc.AdapterSpec(pc.LoRA(r=2), targets=["fc1"], trainable=["fc2"])),
+                         tmp_path / "t", format="peft")
+    _, a = two_adapters()
+    pc.set_active(a, "default")
+    pc.save_adapters(a, tmp_path / "c", format="peft")
+    # a config from another save (here: another alpha) next to these weights is caught
+    cfg = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 16
+    (tmp_path / "c" / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    with pytest.raises(pc.AdapterError, match="sha256 differs"):
+        pc.load_peft_adapter(MLP(), tmp_path / "c")

@@ -87,7 +87,7 @@ class Method:
     lowering: how the compile backend fuses ``base + delta`` (None: stays reference math).
     rank_axes: {param: axes carrying the rank}; setting them to 0 must give a delta of
         exactly 0 (ONNX zero-rank defaults). ``zero_rank_default``: use them by default.
-    peft: the PEFT checkpoint format this method reads (and writes), if PEFT has one.
+    peft: the PEFT checkpoint format this method reads (and, with ``write_config``, writes).
     as_lora(params, cfg) -> (A [R, in], B [out, R]): the same delta as a plain LoRA pair,
         exactly, scaling folded into B (``delta(x) == (x @ A.T) @ B.T``).
     """
@@ -148,6 +148,8 @@ class PeftFormat:
     peft_type: str
     keys: Mapping[str, str]
     read_config: Callable[[dict], MethodConfig]
+    #: our config -> PEFT's method-specific config fields (for ``save_adapters(format="peft")``)
+    write_config: Callable[[MethodConfig], dict] | None = None
     #: every PEFT config field we know -> the values we honour exactly (a tuple) or ANY.
     #: A field not listed, or a value not allowed, is refused by name: loading it as the
     #: plain method would give wrong outputs silently (DoRA, rsLoRA, aLoRA, rank patterns...).

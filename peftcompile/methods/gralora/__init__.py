@@ -22,6 +22,11 @@ def _from_peft(c: dict) -> GraLoRA:
                    hybrid_r=int(c.get("hybrid_r", 0)), dropout=float(c.get("gralora_dropout", 0.0)))
 
 
+def _to_peft(cfg: GraLoRA) -> dict:
+    return {"r": cfg.r, "gralora_k": cfg.k, "alpha": cfg.alpha, "hybrid_r": cfg.hybrid_r,
+            "gralora_dropout": cfg.dropout}
+
+
 # PEFT 0.21 GraloraConfig fields (see lora/__init__.py for the convention).
 _PEFT_OPTIONS = {
     **{k: ANY for k in ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
@@ -51,6 +56,7 @@ register_method(
             {"gralora_A": "gralora_A", "gralora_B": "gralora_B",
              "gralora_A_general.weight": "gralora_A_hybrid", "gralora_B_general.weight": "gralora_B_hybrid"},
             _from_peft,
+            _to_peft,
             _PEFT_OPTIONS,
         ),
         as_lora=gralora_as_lora,

@@ -20,6 +20,10 @@ def _from_peft(c: dict) -> LoRA:
     return LoRA(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)))
 
 
+def _to_peft(cfg: LoRA) -> dict:
+    return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout}
+
+
 # PEFT 0.21 LoraConfig fields: ANY = does not change the loaded math; a tuple = the values we
 # implement exactly. Everything else (DoRA, rsLoRA, aLoRA, patterns, bias, weight-modifying
 # inits such as PiSSA/OLoRA/LoftQ/CorDA, target_parameters, ...) is refused by name.
@@ -49,7 +53,8 @@ register_method(
         check_site=lambda cfg, in_f, out_f: None,
         lowering=Lowering(shapes_check(lora_shapes), _lower),
         rank_axes={"lora_A": (0,), "lora_B": (1,)},
-        peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, _from_peft, _PEFT_OPTIONS),
+        peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, _from_peft, _to_peft,
+                        _PEFT_OPTIONS),
         as_lora=lora_as_lora,
     )
 )
