@@ -301,6 +301,17 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     return AdaptPlan(name, spec, first, all_sites, dict(by_name), new, shared)
 
 
+def refuse_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: PEFT's mixed-adapter batches (``adapter_names=[...]``, one adapter per
+    row) are not implemented; HF forwards would swallow the keyword and run every row with
+    the active adapter, a wrong answer, so it is refused."""
+    if kwargs.get("adapter_names") is not None:
+        raise AdapterError(
+            "adapter_names=... (one adapter per row, PEFT's mixed-adapter batches) is not supported by peftcompile; "
+            "run one batch per adapter with peftcompile.set_active(model, name)"
+        )
+
+
 def apply_plan_(model: nn.Module, plan: AdaptPlan) -> nn.Module:
     """Attach a plan's modules, rewrite the units that gain a site, freeze, activate (the
     only step of ``adapt`` that changes the model)."""
@@ -308,6 +319,7 @@ def apply_plan_(model: nn.Module, plan: AdaptPlan) -> nn.Module:
     if st is None:
         st = ModelState(requires_grad={k: p.requires_grad for k, p in model.named_parameters()})
         model.__dict__[STATE_ATTR] = st
+        model.register_forward_pre_hook(refuse_adapter_names, with_kwargs=True)
     name = plan.name
     fresh_units: set[str] = set()  # units whose graphs gain a site: only those are rewritten
     for n, s in plan.sites.items():
@@ -584,6 +596,10 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _remove_all(model: nn.Module, st: ModelState) -> None:
+    for hid, hook in list(model._forward_pre_hooks.items()):
+        if hook is refuse_adapter_names:
+            del model._forward_pre_hooks[hid]
+            model._forward_pre_hooks_with_kwargs.pop(hid, None)
     for host, attr, _ in list(site_adapters(model)):
         delattr(host, attr)
     if hasattr(model, SHARED_ATTR):

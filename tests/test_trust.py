@@ -27,7 +27,7 @@ import peftcompile as pc
 from peftcompile.errors import AdapterTypeError, AdapterWarning
 from peftcompile.state import site_adapters, state_of
 
-from conftest import MLP, randomize_adapters_
+from conftest import MLP, randomize_adapters_, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*has a single site")
 
@@ -553,3 +553,18 @@ def test_top_level_subpackages_are_reachable_lazily():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["to_onnx", "search"]
+
+
+def test_mixed_adapter_batches_are_refused_not_ignored():
+    m = tiny_llama(num_hidden_layers=1)
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["q_proj"]))
+    ids = torch.randint(3, 100, (2, 5))
+    with pytest.raises(pc.AdapterError, match="adapter_names"):
+        m(input_ids=ids, adapter_names=["default", "default"])
+    m(input_ids=ids)  # fine without it
+    import pickle
+
+    pickle.loads(pickle.dumps(m))(input_ids=ids)  # the hook pickles with the model
+    pc.unload(m)
+    m(input_ids=ids, adapter_names=None)
+    assert not m._forward_pre_hooks
