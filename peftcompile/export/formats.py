@@ -39,7 +39,7 @@ from ..io import tensor_mismatch
 __all__ = ["METADATA_KEY", "FORMAT", "SIDECAR_SUFFIX", "ORT_ADAPTER_SUFFIX", "ORT_ADAPTER_SPEC_SUFFIX",
            "AdapterInput", "AdapterFile", "read_metadata", "parse_metadata", "export_fingerprint",
            "write_sidecar", "write_ort_adapter", "read_adapter_file", "read_adapter", "check_adapter_tensors",
-           "as_numpy", "ORT_DTYPE"]
+           "as_numpy", "one_line", "ORT_DTYPE"]
 
 METADATA_KEY = "peftcompile"
 FORMAT = "peftcompile-onnx/1"
@@ -100,6 +100,11 @@ def _dtype_name(t: Any) -> str:
     return str(np.asarray(t).dtype)
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line (onnxruntime's messages span several, with C++ source paths)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def _shape(t: Any) -> tuple[int, ...]:
     return tuple(t.shape()) if isinstance(t, ort.OrtValue) else tuple(np.shape(t))
 
@@ -148,7 +153,7 @@ def read_metadata(path: str | Path) -> dict:
     try:
         m = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends
-        raise AdapterError(f"{p} is not a readable ONNX file ({type(e).__name__}: {e})") from None
+        raise AdapterError(f"{p} is not a readable ONNX file ({type(e).__name__}: {one_line(e)})") from None
     for prop in m.metadata_props:
         if prop.key == METADATA_KEY:
             return parse_metadata(prop.value, p)
@@ -352,7 +357,8 @@ def _read_onnx_adapter(p: Path) -> AdapterFile:
         params = dict(fmt.get_parameters())
         version = int(fmt.get_model_version())
     except Exception as e:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
-        raise AdapterError(f"{p} is not a readable .onnx_adapter file ({e})") from None
+        raise AdapterError(f"{p} is not a readable .onnx_adapter file ({one_line(e)}); write it with "
+                           f"write_ort_adapter") from None
     fix = "write it again with write_ort_adapter(path, tensors, export=...) or OrtAdapterSession.save_adapter"
     fingerprint = version if version & _STAMP_BIT else None
     spec = None
@@ -384,7 +390,7 @@ def _read_safetensors_file(p: Path) -> AdapterFile:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise AdapterError(f"{p} is not a readable safetensors file ({e})") from None
+        raise AdapterError(f"{p} is not a readable safetensors file ({one_line(e)})") from None
     if METADATA_KEY not in meta:
         raise AdapterError(f"{p} has no '{METADATA_KEY}' metadata, so its spec cannot be checked against an export; "
                            f"bind the export's own sidecar, a save_adapters folder, or write the tensors with "

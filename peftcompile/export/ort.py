@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import AdapterError
 from ..state import adapter_params, state_of
 from .formats import (METADATA_KEY, AdapterFile, AdapterInput, as_numpy, check_adapter_tensors,
-                      export_fingerprint, parse_metadata, read_adapter, write_ort_adapter)
+                      export_fingerprint, one_line, parse_metadata, read_adapter, write_ort_adapter)
 
 __all__ = ["OrtAdapterSession"]
 
@@ -53,8 +53,8 @@ class OrtAdapterSession:
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=sess_options, providers=list(providers))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise AdapterError(f"{self.path} is not a loadable ONNX model ({type(e).__name__}: "
-                               f"{str(e).strip().splitlines()[0] if str(e).strip() else e}); export it again") from None
+            raise AdapterError(f"{self.path} is not a loadable ONNX model ({type(e).__name__}: {one_line(e)}); "
+                               f"export it again") from None
         meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if meta is None:
             raise AdapterError(f"{self.path} was not written by peftcompile.export.to_onnx (no '{METADATA_KEY}' "
