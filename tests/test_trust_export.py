@@ -258,3 +258,361 @@ def test_bad_call_raises_adapter_error_and_changes_nothing(setup, ctx: Ctx, tmp_
     assert msg and "\n" not in msg.strip(), msg
     assert folder_snapshot(d) == files
     assert model_snapshot(model, ctx.x["x"]) == state
+
+
+# ----------------------------------------------------------------------------- 1, 2: fingerprints
+
+def _run(path: Path, source: Any, x: dict) -> torch.Tensor:
+    return torch.as_tensor(next(iter(OrtAdapterSession(path).bind(source).run(x).values())))
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_onnx_adapter_is_stamped_with_the_export_fingerprint_and_spec(ctx: Ctx, tmp_path):
+    import onnxruntime as ort
+
+    a, b = ctx.exp_a, ctx.exp_b
+    assert a.fingerprint != b.fingerprint  # alpha differs, shapes do not
+    assert ort.AdapterFormat.read_adapter(str(a.ort_adapter)).get_model_version() == a.fingerprint
+    side = json.loads(a.ort_adapter.with_name(a.ort_adapter.name + ".json").read_text())
+    assert side["fingerprint"] == a.fingerprint and side["spec"]["method"]["alpha"] == 8.0
+    assert read_metadata(a.path)["fingerprint"] == a.fingerprint
+    with torch.no_grad():
+        want_a, want_b = ctx.a(**ctx.x), ctx.b(**ctx.x)
+    assert _rel(_run(a.path, a.ort_adapter, ctx.x), want_a) <= TOL
+    # B's file (same shapes, alpha 32) on A's export: refused, naming both specs.
+    with pytest.raises(pc.AdapterError, match=r"alpha': 32\.0.*exported for.*alpha': 8\.0"):
+        OrtAdapterSession(a.path).bind(b.ort_adapter)
+    # Without the .json (spec unknown), the stamp alone still refuses it.
+    lone = shutil.copy(b.ort_adapter, tmp_path / "lone.onnx_adapter")
+    with pytest.raises(pc.AdapterError, match=rf"written for another export.*fingerprint {b.fingerprint}.*"
+                                              rf"fingerprint {a.fingerprint}"):
+        OrtAdapterSession(a.path).bind(lone)
+
+
+def test_user_written_adapters_go_through_the_stamped_path(ctx: Ctx, tmp_path):
+    """write_ort_adapter(..., export=) and OrtAdapterSession.save_adapter stamp; unstamped is refused."""
+    sess = OrtAdapterSession(ctx.exp_a.path)
+    other = copy.deepcopy(ctx.a)
+    randomize_adapters_(other, seed=5)
+    tensors = {k: v.detach() for k, v in adapter_params(other, "default").items()}
+    with torch.no_grad():
+        want = other(**ctx.x)
+    unstamped = write_ort_adapter(tmp_path / "u.onnx_adapter", tensors)
+    with pytest.raises(pc.AdapterError, match="not stamped.*write_ort_adapter.*save_adapter"):
+        sess.bind(unstamped)
+    for file in (write_ort_adapter(tmp_path / "w.onnx_adapter", tensors, export=ctx.exp_a),
+                 write_ort_adapter(tmp_path / "p.onnx_adapter", tensors, export=ctx.exp_a.path),
+                 sess.save_adapter(tmp_path / "s.onnx_adapter", other),
+                 sess.save_adapter(tmp_path / "f.onnx_adapter", unstamped)):  # stamping a file written elsewhere
+        assert _rel(_run(ctx.exp_a.path, file, ctx.x), want) <= TOL, file
+    with pytest.raises(pc.AdapterError, match="exported for"):
+        sess.save_adapter(tmp_path / "b.onnx_adapter", ctx.b)  # records its spec: alpha 32
+    assert not (tmp_path / "b.onnx_adapter").exists()
+    # Rewriting a stamped file unstamped removes its now-contradicting .json.
+    write_ort_adapter(tmp_path / "w.onnx_adapter", tensors)
+    assert not (tmp_path / "w.onnx_adapter.json").exists()
+
+
+def test_reexport_with_another_spec_leaves_no_stale_file_that_binds(ctx: Ctx, tmp_path):
+    p = tmp_path / "model.onnx"
+    ex = torch.randn(2, 16)
+    old = to_onnx(ctx.a, ex, p, merged=False)
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    for f in (old.sidecar, old.ort_adapter, old.ort_adapter.with_name(old.ort_adapter.name + ".json")):
+        shutil.copy(f, keep / f.name)
+    new = to_onnx(ctx.b, ex, p, merged=False)  # same path, alpha 32
+    with torch.no_grad():
+        want_b = ctx.b(**ctx.x)
+    for f in (new.sidecar, new.ort_adapter):  # the side files are the new export's
+        assert _rel(_run(p, f, ctx.x), want_b) <= TOL
+    for f in keep.iterdir():  # put the old ones back (a crash, a copy, a sync tool)
+        shutil.copy(f, tmp_path / f.name)
+    for f in (new.sidecar, new.ort_adapter):
+        with pytest.raises(pc.AdapterError, match=r"alpha': 8\.0.*exported for.*alpha': 32\.0"):
+            OrtAdapterSession(p).bind(f)
+    to_onnx(ctx.a, ex, p, merged=True)  # a merged export over it: the old side files stay, but bind nothing
+    for f in (new.sidecar, new.ort_adapter):
+        with pytest.raises(pc.AdapterError, match="merged"):
+            OrtAdapterSession(p).bind(f)
+
+
+# ----------------------------------------------------------------------------- 3: crash safety
+
+_CHILD = textwrap.dedent("""
+    import os, sys, warnings
+    warnings.simplefilter("ignore")
+    sys.path[:0] = [{repo!r}, {tests!r}]
+    import torch
+    import peftcompile as pc
+    from test_trust_export import _lora_mlp
+    from peftcompile.export import to_onnx
+    mode, path = sys.argv[1], sys.argv[2]
+    model = _lora_mlp(32.0, 1)  # the new export: another spec than the one on disk
+    if mode == "save":  # die half-way through writing the .onnx
+        real = torch.onnx.ONNXProgram.save
+        def save(self, dest, **kw):
+            real(self, dest, **kw)
+            data = open(dest, "rb").read()
+            open(dest, "wb").write(data[: len(data) // 2])
+            os._exit(9)
+        torch.onnx.ONNXProgram.save = save
+    else:  # die after n files were moved into place
+        n, real_replace, count = int(mode), os.replace, [0]
+        def replace(a, b):
+            if count[0] == n and os.path.dirname(os.path.abspath(b)) == os.path.dirname(os.path.abspath(path)):
+                os._exit(9)
+            real_replace(a, b)
+            if os.path.dirname(os.path.abspath(b)) == os.path.dirname(os.path.abspath(path)):
+                count[0] += 1
+        os.replace = replace
+    to_onnx(model, torch.randn(2, 16), path, merged=False)
+    os._exit(0)
+""")
+
+
+@pytest.mark.parametrize("mode", ["save", "0", "1", "2", "3"])
+def test_export_killed_midway_leaves_the_previous_export_usable(mode, ctx: Ctx, tmp_path):
+    d = tmp_path / "export"
+    shutil.copytree(ctx.exp_a.path.parent, d)
+    before = folder_snapshot(d)
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD.format(repo=str(REPO), tests=str(REPO / "tests")))
+    r = subprocess.run([sys.executable, str(script), mode, str(d / "model.onnx")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 9, r.stderr[-2000:]
+    after = folder_snapshot(d)
+    model_files = {k: v for k, v in after.items() if k.startswith("model.")}
+    assert model_files["model.onnx"] == before["model.onnx"], "the .onnx is replaced last, or not at all"
+    if mode in ("save", "0"):
+        assert model_files == before
+    # The previous export still loads and runs: base (unbound) and with A's adapter.
+    with torch.no_grad(), pc.disabled(ctx.a):
+        want_base = ctx.a(**ctx.x)
+    with torch.no_grad():
+        want_a = ctx.a(**ctx.x)
+    sess = OrtAdapterSession(d / "model.onnx")
+    assert _rel(torch.as_tensor(next(iter(sess.run(ctx.x).values()))), want_base) <= TOL
+    # A half-done state never binds silently: each side file either binds with A's exact
+    # outputs (it is still A's) or raises (it is B's, or a mismatched pair).
+    outcomes = {}
+    for f in ("model.adapter.safetensors", "model.onnx_adapter"):
+        try:
+            got = _run(d / "model.onnx", d / f, ctx.x)
+        except pc.AdapterError as e:
+            outcomes[f] = "refused"
+            assert "alpha': 32.0" in str(e) or "different writes" in str(e), str(e)
+        else:
+            outcomes[f] = "bound"
+            assert _rel(got, want_a) <= TOL, f
+    expected_refused = {"save": 0, "0": 0, "1": 1, "2": 2, "3": 2}[mode]
+    assert list(outcomes.values()).count("refused") == expected_refused, outcomes
+    # Only a temporary sibling may be left, never a file under a final name.
+    assert all(k in before or k.startswith(".model.onnx.tmp-") for k in after), sorted(after)
+
+
+# ----------------------------------------------------------------------------- 4: paths checked first
+
+def test_unwritable_output_fails_before_any_export_work(ctx: Ctx, tmp_path, monkeypatch):
+    import peftcompile.export.onnx as onnx_mod
+
+    def no_export(*a, **k):
+        raise AssertionError("export work started before the output path was checked")
+
+    monkeypatch.setattr(onnx_mod, "_export", no_export)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "m.onnx").mkdir()
+    (tmp_path / "s.adapter.safetensors").mkdir()
+    for bad, why in [(tmp_path / "file" / "m.onnx", "is not a directory"), (tmp_path / "m.onnx", "is a directory"),
+                     (tmp_path / "s.onnx", r"s\.adapter\.safetensors is a directory")]:
+        with pytest.raises(pc.AdapterError, match=why) as info:
+            to_onnx(ctx.a, torch.randn(2, 16), bad, merged=False)
+        assert str(bad) in str(info.value) or bad.stem in str(info.value)
+
+
+# ----------------------------------------------------------------------------- 6: default dynamic axes
+
+def test_default_axes_of_whisper_style_inputs():
+    from peftcompile.export import default_dynamic_axes
+
+    names = ["input_features", "decoder_input_ids", "decoder_attention_mask", "attention_mask", "pixel_values",
+             "inputs_embeds", "decoder_inputs_embeds", "labels", "x", "scale"]
+    tensors = [torch.randn(2, 80, 300), torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long),
+               torch.ones(2, 7, dtype=torch.long), torch.randn(2, 3, 16, 16), torch.randn(2, 7, 32),
+               torch.randn(2, 5, 32), torch.ones(2, 7, dtype=torch.long), torch.randn(2, 16), torch.randn(4)]
+    assert default_dynamic_axes(names, tensors) == {
+        "input_features": {0: "batch"},  # mel bins and frames stay static
+        "decoder_input_ids": {0: "batch", 1: "decoder_sequence"},
+        "decoder_attention_mask": {0: "batch", 1: "decoder_sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "pixel_values": {0: "batch"},
+        "inputs_embeds": {0: "batch", 1: "sequence"},
+        "decoder_inputs_embeds": {0: "batch", 1: "decoder_sequence"},
+        "labels": {0: "batch", 1: "labels"},
+        "x": {0: "batch"},
+    }
+
+
+def _ort_first(path: Path, inputs: dict) -> torch.Tensor:
+    exp = read_metadata(path)
+    sess = OrtAdapterSession(path).bind(path.with_name(exp["ort_adapter"]))
+    return torch.as_tensor(next(iter(sess.run(inputs).values())))
+
+
+def test_encoder_decoder_default_axes_run_other_lengths(tmp_path):
+    from transformers import BartConfig, BartModel
+
+    torch.manual_seed(0)
+    m = BartModel(BartConfig(vocab_size=128, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                             decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                             max_position_embeddings=64)).eval()
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2, alpha=4.0), ["q_proj", "v_proj"]))
+    randomize_adapters_(m)
+
+    def ex(b: int, s: int, t: int, seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, 128, (b, s), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "decoder_input_ids": torch.randint(3, 128, (b, t), generator=g)}
+
+    exp = to_onnx(m, ex(2, 7, 5, 0), tmp_path / "bart.onnx", merged=False)
+    chk = ex(3, 9, 4, 1)  # encoder and decoder lengths other than the example's, and unequal
+    with torch.no_grad():
+        want = m(**chk, use_cache=False).last_hidden_state
+    assert _rel(_ort_first(exp.path, chk), want) <= TOL
+
+
+def test_image_inputs_keep_channels_static_and_batch_dynamic(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    m = ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           image_size=16, patch_size=8, num_channels=3)).eval()
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), ["q_proj", "v_proj"]))
+    randomize_adapters_(m)
+    exp = to_onnx(m, {"pixel_values": torch.randn(2, 3, 16, 16)}, tmp_path / "vit.onnx", merged=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in onnx.load(str(exp.path)).graph.input}
+    assert dims["pixel_values"] == ["batch", 3, 16, 16]
+    chk = {"pixel_values": torch.randn(3, 3, 16, 16)}
+    with torch.no_grad():
+        want = m(**chk).last_hidden_state
+    assert _rel(_ort_first(exp.path, chk), want) <= TOL
+
+
+# ----------------------------------------------------------------------------- 8: lazy subpackage
+
+def test_pc_export_to_onnx_without_importing_the_subpackage(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys, warnings
+        warnings.simplefilter("ignore")
+        sys.path.insert(0, {str(REPO)!r})
+        import torch
+        import peftcompile as pc
+        assert "peftcompile.export" not in sys.modules
+        m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2)))
+        e = pc.export.to_onnx(m, torch.randn(2, 4), {str(tmp_path / 'm.onnx')!r}, merged=False)
+        print("OK", e.path.is_file(), type(e).__name__)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OK True OnnxExport" in r.stdout
+
+
+# ----------------------------------------------------------------------------- 7: command line
+
+def _cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    from peftcompile.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def _assert_clean_error(r, *needles: str) -> None:
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    assert isinstance(r.exception, SystemExit), repr(r.exception)  # exited, no escaped exception
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    # Progress lines ("loading ...") may precede it; the error is one line, the last.
+    assert lines and lines[-1].startswith("error: "), r.output
+    assert sum(ln.startswith("error") for ln in lines) == 1, r.output
+    for n in needles:
+        assert n in r.output, (n, r.output)
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    from peftcompile.models import load_model
+
+    m, _ = load_model("tiny-gpt2")
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), ["c_attn"]))
+    pc.save_adapters(m, root / "adapter")
+    m.save_pretrained(root / "model")  # an HF folder (with the adapter's own modules: only a path target here)
+    (root / "a_file").write_text("x")
+    (root / "not_a_model").mkdir()
+    (root / "bad_adapter").mkdir()
+    (root / "bad_adapter" / "adapter_config.json").write_text("{oops")
+    (root / "bad_adapter" / "adapter_model.safetensors").write_bytes(b"junk")
+    return root
+
+
+def test_cli_bad_paths_and_folders_exit_with_one_line(cli_files):
+    r = cli_files
+    for args, needles in [
+        (["inspect", str(r / "nope")], ("nope", "neither an example")),
+        (["inspect", str(r / "not_a_model")], ("not_a_model", "config.json")),
+        (["inspect", "tiny-gpt2", "--adapter", str(r / "nope")], ("adapter folder not found",)),
+        (["inspect", "tiny-gpt2", "--adapter", str(r / "bad_adapter")], ("bad_adapter",)),
+        (["merge", str(r / "nope"), str(r / "adapter"), str(r / "out")], ("nope",)),
+        (["merge", "tiny-gpt2", str(r / "not_a_model"), str(r / "out")], ("not_a_model", "adapter_config.json")),
+        (["merge", "tiny-gpt2", str(r / "bad_adapter"), str(r / "out")], ("bad_adapter",)),
+        (["merge", "tiny-gpt2", str(r / "adapter"), str(r / "a_file" / "out")], ("a_file", "not a directory")),
+        (["export", "tiny-gpt2", "-a", str(r / "nope"), "-o", str(r / "x.onnx")], ("adapter folder not found",)),
+        (["export", "tiny-gpt2", "-a", str(r / "bad_adapter"), "-o", str(r / "x.onnx")], ("bad_adapter",)),
+        (["export", "tiny-gpt2", "-a", str(r / "adapter"), "-o", str(r / "a_file" / "x.onnx")], ("not a directory",)),
+        (["export", "tiny-gpt2", "-a", str(r / "adapter"), "-o", str(r / "x.txt")], (".onnx",)),
+        (["export", "tiny-gpt2", "-o", str(r / "p.onnx")], ("--allow-plain",)),
+        (["demo", "--out", str(r / "a_file")], ("a_file", "is a file")),
+    ]:
+        before = folder_snapshot(r)
+        res = _cli(args)
+        _assert_clean_error(res, *needles)
+        assert folder_snapshot(r) == before, args
+    res = _cli(["--debug", "inspect", str(r / "nope")])
+    assert isinstance(res.exception, pc.AdapterError)  # --debug: the exception (and traceback) comes through
+
+
+def test_cli_refuses_to_write_into_its_inputs_or_over_an_output(cli_files):
+    r = cli_files
+    (r / "existing").mkdir(exist_ok=True)
+    (r / "existing.onnx").write_text("keep me")
+    for args, needles in [
+        (["merge", str(r / "model"), str(r / "adapter"), str(r / "model")], ("inside the input model folder",)),
+        (["merge", str(r / "model"), str(r / "adapter"), str(r / "model" / "merged")], ("inside the input model",)),
+        (["merge", "tiny-gpt2", str(r / "adapter"), str(r / "adapter" / "m")], ("inside the input adapter",)),
+        (["merge", "tiny-gpt2", str(r / "adapter"), str(r / "existing")], ("already exists", "--overwrite")),
+        (["export", str(r / "model"), "-o", str(r / "model" / "m.onnx"), "--allow-plain"], ("inside the input model",)),
+        (["export", "tiny-gpt2", "-a", str(r / "adapter"), "-o", str(r / "existing.onnx")], ("--overwrite",)),
+    ]:
+        before = folder_snapshot(r)
+        _assert_clean_error(_cli(args), *needles)
+        assert folder_snapshot(r) == before, args
+
+
+def test_cli_merge_overwrite_replaces_the_folder_whole(cli_files, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older run")
+    res = _cli(["merge", "tiny-gpt2", str(cli_files / "adapter"), str(out), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    assert GPT2LMHeadModel.from_pretrained(out) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder left
