@@ -90,6 +90,7 @@ def run_export(model: str, adapter: Optional[Path], output: Path, merged: bool =
     return out
 
 
+@guarded  # one-line errors, exit code 2; tracebacks with --debug
 def export_command(
     model: Annotated[str, typer.Argument(help="base model: an HF model folder, 'minilm', or an example "
                                               "(tiny-llama, tiny-gpt2, tiny-bert)")],
@@ -108,12 +109,6 @@ def export_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")] = False,
 ) -> None:
     """Export a model with its adapter to ONNX (merged or unmerged) and check it with onnxruntime."""
-    _export_checked(model, adapter, output, merged, batch, seq_len, verify, tol, allow_plain, overwrite)
-
-
-@guarded
-def _export_checked(model: str, adapter: Optional[Path], output: Path, merged: bool, batch: int, seq_len: int,
-                    verify: bool, tol: float, allow_plain: bool, overwrite: bool) -> None:
     from ..errors import AdapterError
 
     # Paths first: a bad path must not cost a model load and an export.

@@ -19,7 +19,10 @@ optimize=True)``, i.e. non-strict ``torch.export``, translation, then onnxscript
   against the method's reference ``delta`` (it must give exactly 0) before it is written.
   Next to ``model.onnx`` go the exported adapter's tensors, keyed by input name:
   ``model.adapter.safetensors`` (the sidecar; the export description is in its metadata)
-  and ``model.onnx_adapter`` (onnxruntime's adapter format).
+  and ``model.onnx_adapter`` (onnxruntime's adapter format, stamped with the export's
+  fingerprint, its spec in ``model.onnx_adapter.json``). All files are written under their
+  final names into a temporary sibling directory and ``os.replace``d into place, the ``.onnx``
+  last; the output paths are checked before any export work.
 
 onnxruntime's ``LoraAdapter`` + ``RunOptions.add_active_adapter`` feeds the adapter's
 tensors as graph inputs by name (checked with onnxruntime 1.32: a name that is only an

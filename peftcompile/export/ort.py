@@ -1,6 +1,7 @@
 """onnxruntime side of an unmerged export: a session that checks adapters before binding them.
 
-The files it reads are described in :mod:`peftcompile.export.formats`. :class:`OrtAdapterSession` checks names, shapes and spec of an adapter against the graph
+The files it reads are described in :mod:`peftcompile.export.formats`. :class:`OrtAdapterSession`
+checks names, shapes, dtypes, spec and export fingerprint of an adapter against the graph
 before onnxruntime runs, so a wrong adapter fails with a message instead of a shape error
 deep inside a kernel (or, worse, a silent broadcast).
 """
@@ -33,10 +34,12 @@ def _arrays(tensors: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
 class OrtAdapterSession:
     """An onnxruntime session over an export of :func:`to_onnx`, with checked adapter binding.
 
-    ``bind`` accepts an ``.onnx_adapter`` file (bound through onnxruntime's ``LoraAdapter``),
-    a ``.safetensors`` file, a :func:`peftcompile.save_adapters` directory, a mapping of
-    graph input name -> tensor/array, or an adapted ``nn.Module`` (its active adapter).
-    Names, shapes and (where the source records it) the method config must match the export.
+    ``bind`` accepts an ``.onnx_adapter`` file stamped for this export (bound through
+    onnxruntime's ``LoraAdapter``), an export's ``.adapter.safetensors`` sidecar, a
+    :func:`peftcompile.save_adapters` directory, a mapping of graph input name ->
+    tensor/array, or an adapted ``nn.Module`` (its active adapter). Names, shapes, dtypes,
+    the method config and (for files) the export fingerprint must match the export;
+    ``save_adapter`` stamps an adapter for it.
     ``unbind`` returns to the defaults (the base model). ``run`` returns output name -> array.
     """
 
