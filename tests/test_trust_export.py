@@ -556,6 +556,8 @@ def cli_files(tmp_path_factory):
     m.save_pretrained(root / "model")  # an HF folder (with the adapter's own modules: only a path target here)
     (root / "a_file").write_text("x")
     (root / "not_a_model").mkdir()
+    (root / "broken_model").mkdir()
+    (root / "broken_model" / "config.json").write_text("{oops")
     (root / "bad_adapter").mkdir()
     (root / "bad_adapter" / "adapter_config.json").write_text("{oops")
     (root / "bad_adapter" / "adapter_model.safetensors").write_bytes(b"junk")
@@ -567,6 +569,8 @@ def test_cli_bad_paths_and_folders_exit_with_one_line(cli_files):
     for args, needles in [
         (["inspect", str(r / "nope")], ("nope", "neither an example")),
         (["inspect", str(r / "not_a_model")], ("not_a_model", "config.json")),
+        (["inspect", str(r / "broken_model")], ("broken_model", "config.json")),
+        (["merge", str(r / "broken_model"), str(r / "adapter"), str(r / "out")], ("broken_model",)),
         (["inspect", "tiny-gpt2", "--adapter", str(r / "nope")], ("adapter folder not found",)),
         (["inspect", "tiny-gpt2", "--adapter", str(r / "bad_adapter")], ("bad_adapter",)),
         (["merge", str(r / "nope"), str(r / "adapter"), str(r / "out")], ("nope",)),
