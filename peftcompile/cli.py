@@ -9,12 +9,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cliguard import adapter_folder as _adapter_folder
+from .cliguard import check_output, guarded, set_debug
+from .cliguard import model_folder as _model_folder
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Parameter-efficient fine-tuning as a compiler problem.")
 console = Console()
 
 
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")) -> None:
+    """Parameter-efficient fine-tuning as a compiler problem."""
+    set_debug(debug)
+
+
 @app.command()
+@guarded
 def demo(
     out: Path = typer.Option(Path("peftcompile-demo"), help="output folder (report, plots, adapter, ONNX files)"),
     quick: bool = typer.Option(False, help="few steps, for a smoke run"),
@@ -25,6 +36,7 @@ def demo(
     backend, merge, ONNX export and onnxruntime parity; writes a report with plots."""
     from .demo import DemoConfig, run_demo
 
+    check_output(out, (), overwrite=True, is_dir=True)  # an existing folder is reused, a file is an error
     cfg = DemoConfig(out_dir=out, compile=compile, seed=seed)
     if quick:
         cfg.search_steps, cfg.train_steps, cfg.probe_steps, cfg.per_class = 4, 6, 6, 12
@@ -44,6 +56,7 @@ def demo(
 
 
 @app.command()
+@guarded
 def inspect(model: str = typer.Argument("minilm", help="'minilm', tiny-llama|tiny-gpt2|tiny-bert, or an HF folder"),
             adapter: Optional[Path] = typer.Option(None, help="a save_adapters directory to load first")) -> None:
     """List the linear sites peftcompile finds (and an adapter's summary)."""
@@ -52,6 +65,9 @@ def inspect(model: str = typer.Argument("minilm", help="'minilm', tiny-llama|tin
     from .passes.capture import capture
     from .passes.match import match
 
+    _model_folder(model)
+    if adapter is not None:
+        _adapter_folder(adapter)
     m, _ = load_model(model)
     cap = capture(m)
     t = Table(title=f"linear sites of {type(m).__name__}")
@@ -59,28 +75,39 @@ def inspect(model: str = typer.Argument("minilm", help="'minilm', tiny-llama|tin
         t.add_column(c)
     for s in {s.name: s for s in match(cap)}.values():
         t.add_row(s.name, s.kind, str(s.in_features), str(s.out_features))
+    if adapter is not None:  # before any output: a bad adapter prints only its error
+        pc.load_adapters(m, adapter)
     console.print(t)
     if adapter is not None:
-        pc.load_adapters(m, adapter)
         console.print(str(pc.summary(m)))
 
 
 @app.command()
+@guarded
 def merge(model: str = typer.Argument(..., help="base model: HF folder or example name"),
           adapter: Path = typer.Argument(..., help="a save_adapters directory"),
-          out: Path = typer.Argument(..., help="folder for the merged plain HF checkpoint")) -> None:
-    """Load an adapter, fold it into the base weights and save a plain checkpoint."""
+          out: Path = typer.Argument(..., help="folder for the merged plain HF checkpoint"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT folder")) -> None:
+    """Load an adapter, fold it into the base weights and save a plain checkpoint.
+
+    OUT is written to a temporary sibling folder and moved into place when complete; it may
+    not be (or lie inside) the MODEL or ADAPTER folder."""
     import peftcompile as pc
+    from .atomic import atomic_replace_dir, temp_sibling_dir
     from .models import load_model
 
+    check_output(out, [("model", _model_folder(model)), ("adapter", _adapter_folder(adapter))], overwrite,
+                 is_dir=True)
     m, tok = load_model(model)
     pc.load_adapters(m, adapter)
     plain = pc.merge_and_unload(m)
     if not hasattr(plain, "save_pretrained"):
         raise typer.BadParameter(f"{type(plain).__name__} is not an HF model; use peftcompile.merge_and_unload in Python")
-    plain.save_pretrained(out)
-    if tok is not None:
-        tok.save_pretrained(out)
+    with temp_sibling_dir(out) as tmp:
+        plain.save_pretrained(tmp / "out")
+        if tok is not None:
+            tok.save_pretrained(tmp / "out")
+        atomic_replace_dir(tmp / "out", out)
     console.print(f"merged checkpoint written to {out}")
 
 

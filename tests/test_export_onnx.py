@@ -149,7 +149,7 @@ def get_case(method: str, family: str, tmp_path_factory) -> Case:
         merged = to_onnx(model, make(2, 7), root / "merged.onnx", merged=True, dynamic_axes=axes)
         other_dir = pc.save_adapters(other, root / "other_adapter")
         other_ort = write_ort_adapter(
-            root / "other.onnx_adapter", dict(adapter_params(other, "default"))
+            root / "other.onnx_adapter", dict(adapter_params(other, "default")), export=unmerged
         )
         _CASES[key] = Case(method, family, dynamic, model, other, check, torch_out(model, check), torch_out(other, check),
                            ref_base, state_before, unmerged, merged, base_exp, other_dir, other_ort)
@@ -319,10 +319,23 @@ def test_bind_adapter_of_wrong_rank_fails_before_running(mlp_case: Case):
         sess.bind(tensors)
     with pytest.raises(pc.AdapterError, match="exported for"):  # the model records its spec
         sess.bind(wrong)
-    file = write_ort_adapter(mlp_case.unmerged.path.with_name("wrong.onnx_adapter"), tensors)
-    with pytest.raises(pc.AdapterError, match="shape mismatch"):
-        sess.bind(file)
+    file = mlp_case.unmerged.path.with_name("wrong.onnx_adapter")
+    with pytest.raises(pc.AdapterError, match=r"shape mismatch: fc1\.lora_A: \(8, 16\) vs graph \(4, 16\)"):
+        write_ort_adapter(file, tensors, export=mlp_case.unmerged)  # the stamped writer checks first
+    assert not file.exists()
+    with pytest.raises(pc.AdapterError, match="not stamped for an export.*write_ort_adapter"):
+        sess.bind(write_ort_adapter(file, tensors))  # unstamped: plain onnxruntime use only
+    with pytest.raises(pc.AdapterError, match="shape mismatch"):  # stamped by hand: bind still checks shapes
+        sess.bind(stamp_by_hand(file, mlp_case.unmerged.fingerprint))
     assert sess.bound is None
+
+
+def stamp_by_hand(file: Path, fingerprint: int) -> Path:
+    """Forge an export's stamp on an .onnx_adapter without write_ort_adapter's checks."""
+    fmt = ort.AdapterFormat.read_adapter(str(file))
+    fmt.set_model_version(fingerprint)
+    fmt.export_adapter(str(file))
+    return file
 
 
 def test_bind_adapter_of_other_spec_with_same_shapes_fails(mlp_case: Case, tmp_path):
@@ -352,7 +365,10 @@ def test_bind_missing_or_unknown_tensors_fails(mlp_case: Case):
 def test_bfloat16_adapter_file_is_checked_by_dtype(mlp_case: Case, tmp_path):
     """.onnx_adapter carries bfloat16 (numpy cannot); a float32 graph refuses it before running."""
     good = {k: t.detach() for k, t in adapter_params(mlp_case.model, "default").items()}
-    file = write_ort_adapter(tmp_path / "bf16.onnx_adapter", {k: t.to(torch.bfloat16) for k, t in good.items()})
+    bf16 = {k: t.to(torch.bfloat16) for k, t in good.items()}
+    with pytest.raises(pc.AdapterError, match=r"dtype mismatch: fc1\.lora_A: bfloat16 vs graph float32"):
+        write_ort_adapter(tmp_path / "bf16.onnx_adapter", bf16, export=mlp_case.unmerged)
+    file = stamp_by_hand(write_ort_adapter(tmp_path / "bf16.onnx_adapter", bf16), mlp_case.unmerged.fingerprint)
     params = ort.AdapterFormat.read_adapter(str(file)).get_parameters()
     assert {k: (tuple(v.shape()), v.data_type()) for k, v in params.items()} == {
         k: (tuple(t.shape), "tensor(bfloat16)") for k, t in good.items()}

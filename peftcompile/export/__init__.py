@@ -2,10 +2,12 @@
 
 ``to_onnx`` writes the file (:mod:`.onnx`); the side files' formats live in :mod:`.formats`;
 ``OrtAdapterSession`` runs an unmerged export with onnxruntime and binds adapters after
-checking them against the graph (:mod:`.ort`).
+checking them against the graph and the export's fingerprint (:mod:`.ort`); adapters written
+for an export are stamped with it (``write_ort_adapter(..., export=)``).
 """
 
-from .formats import AdapterInput, read_adapter_file, read_metadata, write_ort_adapter, write_sidecar
+from .formats import (AdapterFile, AdapterInput, export_fingerprint, read_adapter, read_adapter_file, read_metadata,
+                      write_ort_adapter, write_sidecar)
 from .onnx import OnnxExport, OnnxExportError, default_dynamic_axes, to_onnx
 from .ort import OrtAdapterSession
 
@@ -18,6 +20,9 @@ __all__ = [
     "default_dynamic_axes",
     "read_metadata",
     "read_adapter_file",
+    "read_adapter",
+    "AdapterFile",
+    "export_fingerprint",
     "write_ort_adapter",
     "write_sidecar",
 ]

@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..cliguard import adapter_folder, check_output, guarded, model_folder
+
 __all__ = ["export_command", "run_export"]
 
 console = Console()
@@ -23,11 +25,16 @@ def _load_adapter(model, adapter: Path) -> None:
 
     import peftcompile as pc
 
+    from ..errors import AdapterError
+
     cfg_file = adapter / "adapter_config.json"
     if not cfg_file.is_file():
-        raise typer.BadParameter(f"{adapter} has no adapter_config.json; pass a save_adapters (or PEFT) folder",
-                                 param_hint="--adapter")
-    if "peft_type" in json.loads(cfg_file.read_text()):
+        raise AdapterError(f"--adapter {adapter} has no adapter_config.json; pass a save_adapters (or PEFT) folder")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{cfg_file} is not valid JSON ({e})") from None
+    if isinstance(cfg, dict) and "peft_type" in cfg:
         pc.load_peft_adapter(model, adapter)
     else:
         pc.load_adapters(model, adapter)
@@ -83,6 +90,7 @@ def run_export(model: str, adapter: Optional[Path], output: Path, merged: bool =
     return out
 
 
+@guarded  # one-line errors, exit code 2; tracebacks with --debug
 def export_command(
     model: Annotated[str, typer.Argument(help="base model: an HF model folder, 'minilm', or an example "
                                               "(tiny-llama, tiny-gpt2, tiny-bert)")],
@@ -98,19 +106,26 @@ def export_command(
     tol: Annotated[float, typer.Option(help="max relative error accepted by --verify")] = 1e-4,
     allow_plain: Annotated[bool, typer.Option("--allow-plain", help="export the base model when no adapter is "
                                               "given")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")] = False,
 ) -> None:
     """Export a model with its adapter to ONNX (merged or unmerged) and check it with onnxruntime."""
     from ..errors import AdapterError
-    from .onnx import OnnxExportError
 
+    # Paths first: a bad path must not cost a model load and an export.
+    if output.suffix != ".onnx":
+        raise AdapterError(f"--output must end in .onnx, got {output}")
+    folders = [("model", model_folder(model))]
+    if adapter is not None:
+        folders.append(("adapter", adapter_folder(adapter)))
+    check_output(output, folders, overwrite, is_dir=False)
     try:
         with console.status("starting") as st:
             out = run_export(model, adapter, output, merged, batch, seq_len, verify, tol, allow_plain,
                              status=lambda s: (st.update(s), console.log(s)))
-    except (AdapterError, OnnxExportError, FileNotFoundError, ValueError) as e:
-        hint = " (here: pass --adapter DIR, or --allow-plain)" if "allow_plain" in str(e) else ""
-        console.print(f"[red]error:[/red] {e}{hint}")
-        raise typer.Exit(code=2) from None
+    except AdapterError as e:
+        if "allow_plain" not in str(e):
+            raise
+        raise AdapterError(f"{e} (here: pass --adapter DIR, or --allow-plain)") from None
     res = out["export"]
     t = Table(title=f"peftcompile export ({'merged' if res.merged else 'unmerged'})")
     t.add_column("item")

@@ -19,7 +19,10 @@ optimize=True)``, i.e. non-strict ``torch.export``, translation, then onnxscript
   against the method's reference ``delta`` (it must give exactly 0) before it is written.
   Next to ``model.onnx`` go the exported adapter's tensors, keyed by input name:
   ``model.adapter.safetensors`` (the sidecar; the export description is in its metadata)
-  and ``model.onnx_adapter`` (onnxruntime's adapter format).
+  and ``model.onnx_adapter`` (onnxruntime's adapter format, stamped with the export's
+  fingerprint, its spec in ``model.onnx_adapter.json``). All files are written under their
+  final names into a temporary sibling directory and ``os.replace``d into place, the ``.onnx``
+  last; the output paths are checked before any export work.
 
 onnxruntime's ``LoraAdapter`` + ``RunOptions.add_active_adapter`` feeds the adapter's
 tensors as graph inputs by name (checked with onnxruntime 1.32: a name that is only an
@@ -53,16 +56,19 @@ from ..api import merge_and_unload
 from ..errors import AdapterError
 from ..methods import get_method, method_for
 from ..state import adapter_params, shared_key, site_adapters, site_key, state_of
-from .formats import (FORMAT, METADATA_KEY, ORT_ADAPTER_SUFFIX, SIDECAR_SUFFIX, AdapterInput, write_ort_adapter,
-                      write_sidecar)
+from ..atomic import atomic_replace_files, check_writable, temp_sibling_dir
+from .formats import (FORMAT, METADATA_KEY, ORT_ADAPTER_SPEC_SUFFIX, ORT_ADAPTER_SUFFIX, SIDECAR_SUFFIX, AdapterInput,
+                      export_fingerprint, write_ort_adapter, write_sidecar)
 
 __all__ = ["to_onnx", "OnnxExport", "OnnxExportError", "default_dynamic_axes"]
 
 Defaults = Literal["auto", "zero-rank", "zeros"]
 
 
-class OnnxExportError(RuntimeError):
-    """The model could not be exported; the message names the op/module and the fix."""
+class OnnxExportError(AdapterError, RuntimeError):
+    """The model could not be exported; the message names the op/module and the fix.
+
+    An :class:`AdapterError` (what callers catch) and, as before, a ``RuntimeError``."""
 
 
 @dataclass
@@ -80,7 +86,8 @@ class OnnxExport:
     ort_adapter: Path | None = None
 
     def metadata(self) -> dict:
-        return {
+        """The JSON description stored in the file (and the sidecar), with its fingerprint."""
+        meta = {
             "format": FORMAT,
             "merged": self.merged,
             "adapter": self.adapter,
@@ -91,6 +98,13 @@ class OnnxExport:
             "sidecar": self.sidecar.name if self.sidecar else None,
             "ort_adapter": self.ort_adapter.name if self.ort_adapter else None,
         }
+        meta["fingerprint"] = export_fingerprint(meta)
+        return meta
+
+    @property
+    def fingerprint(self) -> int:
+        """What an ``.onnx_adapter`` must be stamped with to bind to this export."""
+        return self.metadata()["fingerprint"]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -98,22 +112,38 @@ class OnnxExport:
 DynamicAxes = Mapping[str, Mapping[int, str]]
 
 
-def default_dynamic_axes(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, dict[int, str]]:
-    """Batch and sequence axes of sequence models.
+# Integer inputs whose axis 1 is the (encoder) token axis: they share one "sequence" dim.
+_SEQUENCE_FAMILY = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
-    Tensors of rank >= 2 get axis 0 = "batch"; integer tensors of rank >= 2 (token ids,
-    masks) and float tensors of rank >= 3 ([batch, seq, features]) also get axis 1 =
-    "sequence". The last axis of a float tensor (features) stays static.
+
+def default_dynamic_axes(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, dict[int, str]]:
+    """The dynamic axes that are certain from an input's name and dtype alone.
+
+    Axis 0 of every tensor of rank >= 2 is "batch". Axis 1 of an integer (token-like) input
+    of rank >= 2 is a length: ``input_ids``, ``attention_mask``, ``token_type_ids`` and
+    ``position_ids`` share "sequence"; ``decoder_*`` inputs share "decoder_sequence" (an
+    encoder-decoder's two lengths differ); any other integer input gets an axis named after
+    itself. Float inputs keep axis 1 static (channels of ``pixel_values``, mel bins of
+    ``input_features``, features), except ``inputs_embeds`` ("sequence") and
+    ``decoder_inputs_embeds`` ("decoder_sequence"). Pass a mapping for anything else.
     """
     out: dict[str, dict[int, str]] = {}
     for n, t in zip(names, tensors):
-        axes: dict[int, str] = {}
-        if t.ndim >= 2:
-            axes[0] = "batch"
-            if not t.is_floating_point() or t.ndim >= 3:
+        if t.ndim < 2:
+            continue
+        axes: dict[int, str] = {0: "batch"}
+        if t.is_floating_point() or t.is_complex():
+            if n == "inputs_embeds":
                 axes[1] = "sequence"
-        if axes:
-            out[n] = axes
+            elif n == "decoder_inputs_embeds":
+                axes[1] = "decoder_sequence"
+        elif n in _SEQUENCE_FAMILY:
+            axes[1] = "sequence"
+        elif n.startswith("decoder_"):
+            axes[1] = "decoder_sequence"
+        else:
+            axes[1] = n
+        out[n] = axes
     return out
 
 
@@ -145,7 +175,7 @@ def _split_inputs(model: nn.Module, example_inputs: Any) -> _Inputs:
     elif isinstance(example_inputs, (tuple, list)):
         args, kwargs = list(example_inputs), {}
     else:
-        raise TypeError(
+        raise AdapterError(
             f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
             f"got {type(example_inputs).__name__}"
         )
@@ -169,7 +199,7 @@ def _split_inputs(model: nn.Module, example_inputs: Any) -> _Inputs:
             names.append(k)
             tensors.append(v)
     if not tensors:
-        raise ValueError("example_inputs hold no tensor; pass the tensors the model's forward takes")
+        raise AdapterError("example_inputs hold no tensor; pass the tensors the model's forward takes")
     return _Inputs(args, kwargs, slots, names, tensors)
 
 
@@ -384,16 +414,16 @@ def _export(wrapper: _Exportable, tensors: list[torch.Tensor], adapters: list[to
 def _dyn_spec(names: Sequence[str], tensors: Sequence[torch.Tensor], axes: DynamicAxes) -> list[dict | None]:
     unknown = sorted(set(axes) - set(names))
     if unknown:
-        raise ValueError(f"dynamic_axes names inputs {unknown} that the model does not take; inputs: {list(names)}")
+        raise AdapterError(f"dynamic_axes names inputs {unknown} that the model does not take; inputs: {list(names)}")
     out: list[dict | None] = []
     for n, t in zip(names, tensors):
         spec = {}
         for ax, dim_name in (axes.get(n) or {}).items():
             ax = int(ax)
             if not -t.ndim <= ax < t.ndim:
-                raise ValueError(f"dynamic_axes[{n!r}] names axis {ax}, but the example input has {t.ndim} axes")
+                raise AdapterError(f"dynamic_axes[{n!r}] names axis {ax}, but the example input has {t.ndim} axes")
             if t.shape[ax] < 2:
-                raise ValueError(
+                raise AdapterError(
                     f"input {n!r} axis {ax} ({dim_name!r}) is dynamic but has size {t.shape[ax]} in the example; "
                     f"torch.export specializes sizes 0 and 1, so use an example with size >= 2"
                 )
@@ -477,21 +507,40 @@ def to_onnx(
     if keys:
         _adapter_defaults_(g, model, name, keys, ad_tensors, ranks, zero_rank, result)
     prog.model.metadata_props[METADATA_KEY] = json.dumps(result.metadata())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prog.save(str(path))
-    if keys:
-        tensors = dict(zip(keys, ad_tensors))
-        write_sidecar(result.sidecar, tensors, result.metadata())
-        write_ort_adapter(result.ort_adapter, tensors)
+    _write(prog, result, dict(zip(keys, ad_tensors)))
     return result
+
+
+def _output_files(path: Path) -> list[Path]:
+    """The files an export to ``path`` writes (the external data file only for > 2 GB models)."""
+    return [path, path.with_name(path.name + ".data"), path.with_name(path.stem + SIDECAR_SUFFIX),
+            path.with_name(path.stem + ORT_ADAPTER_SUFFIX),
+            path.with_name(path.stem + ORT_ADAPTER_SUFFIX + ORT_ADAPTER_SPEC_SUFFIX)]
+
+
+def _write(prog: torch.onnx.ONNXProgram, result: OnnxExport, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write every file under its final name into a temporary sibling directory, then
+    ``os.replace`` each into place, the ``.onnx`` last: it is the commit point, and side files
+    that a crash leaves next to an older ``.onnx`` carry another fingerprint, so bind refuses them."""
+    path = result.path
+    with temp_sibling_dir(path) as tmp:
+        prog.save(str(tmp / path.name))
+        if tensors:
+            meta = result.metadata()
+            write_sidecar(tmp / result.sidecar.name, tensors, meta)
+            write_ort_adapter(tmp / result.ort_adapter.name, tensors, export=meta)
+        atomic_replace_files(tmp, path.parent, order=[path.name + ".data", path.name])
 
 
 def _check_request(model: nn.Module, path: Path, merged: bool, defaults: str, allow_plain: bool) -> bool:
     """Validate the arguments before any export work; True if the model has no adapters."""
     if path.suffix != ".onnx":
-        raise ValueError(f"path must end in .onnx, got {path}")
+        raise AdapterError(f"path must end in .onnx, got {path}")
+    # Every file the export may write, checked before any export work (seconds to minutes).
+    for p in _output_files(path):
+        check_writable(p, "ONNX export output")
     if defaults not in ("auto", "zero-rank", "zeros"):
-        raise ValueError(f"defaults must be 'auto', 'zero-rank' or 'zeros', got {defaults!r}")
+        raise AdapterError(f"defaults must be 'auto', 'zero-rank' or 'zeros', got {defaults!r}")
     st = state_of(model)
     plain = st is None or not st.specs
     if plain and not allow_plain:
@@ -513,7 +562,7 @@ def _check_request(model: nn.Module, path: Path, merged: bool, defaults: str, al
 def _resolve_axes(dynamic_axes: DynamicAxes | str | None, inputs: _Inputs) -> DynamicAxes:
     if isinstance(dynamic_axes, str):
         if dynamic_axes != "auto":
-            raise ValueError(f"dynamic_axes must be 'auto', None or a mapping, got {dynamic_axes!r}")
+            raise AdapterError(f"dynamic_axes must be 'auto', None or a mapping, got {dynamic_axes!r}")
         return default_dynamic_axes(inputs.names, inputs.tensors)
     return dynamic_axes or {}
 
