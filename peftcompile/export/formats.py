@@ -309,7 +309,7 @@ def _read_json_object(file: Path, fix: str) -> dict:
     return data
 
 
-_DIR_KEYS = {"format", "adapter", "spec", "sites", "groups"}
+_DIR_KEYS = {"format", "adapter", "spec", "sites", "groups", "weights_sha256"}
 
 
 def _read_dir(p: Path) -> AdapterFile:
