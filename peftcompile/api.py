@@ -55,7 +55,9 @@ class _State:
 
 
 def _state(model: nn.Module) -> _State | None:
-    return model.__dict__.get(STATE_ATTR)
+    from .distributed import unwrap  # state lives on the model under DDP/FSDP1/compile wrappers
+
+    return unwrap(model).__dict__.get(STATE_ATTR)
 
 
 def site_adapters(model: nn.Module) -> Iterator[tuple[nn.Module, str, SiteAdapters]]:
@@ -245,6 +247,9 @@ def _require(model: nn.Module) -> _State:
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the running (and trainable) adapters; others stay stored, frozen."""
+    from .distributed import unwrap
+
+    model = unwrap(model)
     st = _require(model)
     names = (names,) if isinstance(names, str) else tuple(names)
     unknown = [n for n in names if n not in st.specs]
@@ -314,8 +319,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     The returned (same) model has exactly the original ``state_dict`` keys, its class
     forwards and its original ``requires_grad`` flags, so ``save_pretrained`` writes a
-    plain checkpoint.
+    plain checkpoint. A DDP / torch.compile wrapper is unwrapped (the inner model is
+    returned); an FSDP-sharded model is refused with the fix (save, then merge unsharded).
     """
+    from .distributed import require_unsharded, unwrap
+
+    require_unsharded(model, "merge_and_unload")
+    model = unwrap(model)
     st = _require(model)
     merge(model)
     for host, attr, _ in list(site_adapters(model)):

@@ -15,10 +15,11 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .api import SHARED_ATTR, AdapterError, _require, _state, adapt, site_adapters
+from .distributed import copy_into_, require_unsharded, unwrap, unwrapped, write_checkpoint
 from .methods import GraLoRA, LoRA, MethodConfig, method_for
 from .passes.capture import capture
 from .passes.match import match
@@ -67,18 +68,24 @@ def _trainable_tensors(model: nn.Module, patterns) -> dict[str, torch.Tensor]:
 
 
 def save_adapters(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
-    """Write one adapter (default: the active one) to the directory ``path``."""
+    """Write one adapter (default: the active one) to the directory ``path``.
+
+    Wrapped (DDP, FSDP1, torch.compile) and FSDP2-sharded models work; with a process group
+    every rank must call it: shards are gathered and rank 0 writes (see ``peftcompile.distributed``).
+    """
+    with unwrapped(model, writeback=False) as inner:
+        return _save_adapters(inner, path, name)
+
+
+def _save_adapters(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
     st = _require(model)
     name = name or st.active[0]
     if name not in st.specs:
         raise AdapterError(f"no adapter named {name!r}; this model has {sorted(st.specs)}")
     tensors, sites, groups = _adapter_tensors(model, name)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / WEIGHTS_NAME))
     cfg = {"format": FORMAT, "adapter": name, "spec": st.specs[name].to_dict(), "sites": sites, "groups": groups}
-    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-    return path
+    # gathers shards, checks ranks agree, writes once (rank 0) and atomically
+    return write_checkpoint(path, tensors, cfg, WEIGHTS_NAME, CONFIG_NAME)
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -170,11 +177,12 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
                 f"{spec.method!r} at {len(sites)} sites; load it under another name"
             )
     else:
+        require_unsharded(model, f"adding adapter {name!r} (adapt before fully_shard)")
         adapt(model, AdapterSpec(spec.method, tuple(sites), trainable=spec.trainable), name)
     own, _, _ = _adapter_tensors(model, name)
     with torch.no_grad():
         for k, t in own.items():
-            t.copy_(tensors[k])
+            copy_into_(t, tensors[k])  # a DTensor shard keeps its own slice
     return model
 
 
@@ -182,8 +190,15 @@ def load_adapters(model: nn.Module, path: str | Path, name: str | None = None) -
     """Load an adapter written by save_adapters (adapting the model if needed).
 
     If ``model`` already has an adapter of that name with the same spec and sites, its
-    weights are replaced in place (no retrace, no recompile).
+    weights are replaced in place (no retrace, no recompile). Wrapped and FSDP2-sharded
+    models work: each rank reads the full tensors and keeps its shard (any world size).
     """
+    with unwrapped(model, writeback=True) as inner:
+        _load_adapters(inner, path, name)
+    return model
+
+
+def _load_adapters(model: nn.Module, path: str | Path, name: str | None = None) -> nn.Module:
     path = Path(path)
     cfg = _read_json(path / CONFIG_NAME)
     if cfg.get("format") != FORMAT:
@@ -228,6 +243,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
 
     Outputs then equal PEFT's ``PeftModel`` on the same base model and inputs.
     """
+    model = unwrap(model)
     peft_dir = Path(peft_dir)
     c = _read_json(peft_dir / CONFIG_NAME)
     ptype = str(c.get("peft_type", "")).upper()
