@@ -44,6 +44,8 @@ __all__ = [
     "write_checkpoint",
     "copy_into_",
     "require_unsharded",
+    "shard",
+    "reshard_",
     "RENDEZVOUS_TIMEOUT_S",
 ]
 
@@ -102,13 +104,30 @@ def _fsdp1_wrapper(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def reshard_(model: nn.Module) -> nn.Module:
+    """Put every FSDP2 module back on its sharded parameters (local, no communication).
+
+    An FSDP2 root is not resharded after a forward without backward (e.g. an eval step), so its
+    module attributes then hold unsharded plain tensors; reading or loading adapters there
+    would see (or write into) throw-away copies.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return model
+    for m in unwrap(model).modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model
+
+
 @contextlib.contextmanager
 def unwrapped(model: nn.Module, *, writeback: bool) -> Iterator[nn.Module]:
-    """Yield the unwrapped model; under FSDP1, inside ``summon_full_params`` (full tensors on
-    every rank, written back to the shards if ``writeback``)."""
+    """Yield the unwrapped model (FSDP2: on its sharded parameters); under FSDP1, inside
+    ``summon_full_params`` (full tensors on every rank, written back to the shards if ``writeback``)."""
     fsdp1 = _fsdp1_wrapper(model)
     if fsdp1 is None:
-        yield unwrap(model)
+        yield reshard_(unwrap(model))
         return
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
@@ -321,3 +340,44 @@ def copy_into_(param: torch.Tensor, full: torch.Tensor) -> None:
         param.to_local().copy_(local.to_local())
     else:
         param.copy_(full)
+
+
+# ---------------------------------------------------------------- FSDP2 set-up
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: HF ``_no_split_modules`` classes, else ModuleList items."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        blocks = [c for m in model.modules() if isinstance(m, nn.ModuleList) for c in m]
+    return blocks
+
+
+def shard(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """FSDP2 for an adapted model: ``fully_shard`` per decoder layer, then the root.
+
+    Each layer's base weights and adapters are sharded together (frozen weights get no
+    gradient and are never reduced); the root holds embeddings, head and RaSA's shared
+    tensors, whose gradient sums the contributions of every layer before one reduce-scatter.
+    Call after ``adapt`` / ``load_adapters`` (adding an adapter to shards is refused) and
+    after ``torch.distributed`` is initialised; the device is cuda:LOCAL_RANK on GPU, else CPU.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise _adapter_error()("shard: torch.distributed is not initialised; launch with torchrun and call "
+                               "torch.distributed.init_process_group first")
+    if is_sharded(model):
+        raise _adapter_error()("shard: the model is already sharded")
+    if device is None:
+        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available()
+                  else torch.device("cpu"))
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

@@ -129,6 +129,8 @@ def main() -> None:
         # load a single-process checkpoint onto shards, run, save back
         m = build(method)
         shard(m, world)
+        with torch.no_grad():  # a forward without backward leaves the FSDP2 root unsharded: load must still land
+            m.eval()(input_ids=probe_ids())
         pc.load_adapters(m, ref / method)
         with torch.no_grad():
             logits = m.eval()(input_ids=probe_ids()).logits

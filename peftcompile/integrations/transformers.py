@@ -31,11 +31,19 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from ..api import AdapterError, _state
+from ..distributed import is_sharded, reshard_, shard, unwrap, world_size
 from ..io import CONFIG_NAME, FORMAT, WEIGHTS_NAME, load_adapters, save_adapters
 
 __all__ = ["PeftcompileTrainer", "is_adapter_checkpoint"]
 
-TRAINING_ARGS_NAME = "training_args.bin"  # as transformers.trainer writes it
+# file names as transformers.trainer writes them
+TRAINING_ARGS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME = "training_args.bin", "optimizer.pt", "scheduler.pt"
+
+
+def _atomic_torch_save(obj, file: Path) -> None:
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, file)
 
 
 def is_adapter_checkpoint(path: str | os.PathLike) -> bool:
@@ -55,7 +63,11 @@ class PeftcompileTrainer(Trainer):
     The model must be adapted (``peftcompile.adapt`` / ``load_adapters``) before it is passed in.
     """
 
-    def __init__(self, model=None, args: TrainingArguments | None = None, *rest, **kwargs) -> None:
+    def __init__(self, model=None, args: TrainingArguments | None = None, *rest, fsdp2: bool = False,
+                 **kwargs) -> None:
+        """Same arguments as ``Trainer``, plus ``fsdp2=True``: shard the model with FSDP2 (``fully_shard``
+        per decoder layer + root, :func:`peftcompile.distributed.shard`) instead of DDP under torchrun.
+        That path needs no accelerate FSDP plugin, so it runs on CPU/gloo as on GPU/nccl."""
         #: True when ``args.torch_compile_backend == "peftcompile"``: accelerate's TorchDynamoPlugin
         #: only accepts its built-in backend names, so this trainer compiles the (wrapped) model
         #: itself in ``compute_loss`` and gives accelerate a copy of ``args`` with compile off.
@@ -66,7 +78,17 @@ class PeftcompileTrainer(Trainer):
             args = copy.copy(args)
             args.torch_compile, args.torch_compile_backend, args.torch_compile_mode = False, None, None
         self._compiled: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
+        if fsdp2 and world_size() < 2:
+            raise AdapterError("PeftcompileTrainer(fsdp2=True) needs a process group of several ranks; launch with "
+                               "torchrun --nproc-per-node N (or accelerate launch)")
         super().__init__(model, args, *rest, **kwargs)
+        if fsdp2 and not is_sharded(self.model):
+            shard(self.model, device=self.args.device)
+        if is_sharded(self.model) and not self.is_fsdp_enabled:
+            # Sharded by us (or by the user with fully_shard): use Trainer's path for models sharded at
+            # load time (no DDP wrap, no second sharding, gradient reduction left to FSDP2). This trainer
+            # checkpoints their optimizer state itself (_save_optimizer_and_scheduler), so resuming works.
+            self.is_distributed_loading_by_transformers = True
         if _state(self.model) is None:
             raise AdapterError(
                 f"PeftcompileTrainer got a {type(self.model).__name__} without peftcompile adapters; call "
@@ -108,6 +130,40 @@ class PeftcompileTrainer(Trainer):
                 f"(PeftcompileTrainer writes those at every save_steps); pass a checkpoint-N folder it wrote"
             )
         load_adapters(model, resume_from_checkpoint)
+
+    # Optimizer state as one full state dict keyed by parameter name (torch.distributed.checkpoint
+    # helpers): written once by rank 0, loadable with any world size, plain or FSDP2-sharded.
+    # Accelerate's own FSDP / DeepSpeed paths keep Trainer's formats.
+    def _named_optimizer_format(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # under AcceleratedOptimizer
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._named_optimizer_format():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        # collective for sharded states: every rank calls, rank 0 receives the full dict
+        full = get_optimizer_state_dict(reshard_(unwrap(self.model)), self._torch_optimizer(),
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.args.should_save:
+            _atomic_torch_save(full, Path(output_dir) / OPTIMIZER_NAME)
+            _atomic_torch_save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._named_optimizer_format():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        opt, sch = Path(checkpoint) / OPTIMIZER_NAME, Path(checkpoint) / SCHEDULER_NAME
+        if not (opt.is_file() and sch.is_file()):
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(opt, map_location="cpu", weights_only=True)  # every rank reads the full state
+        set_optimizer_state_dict(reshard_(unwrap(self.model)), self._torch_optimizer(), optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+        self.lr_scheduler.load_state_dict(torch.load(sch, map_location="cpu", weights_only=True))
 
     def _load_best_model(self) -> None:
         load_adapters(self.model, self.state.best_model_checkpoint)
