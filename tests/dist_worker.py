@@ -129,9 +129,9 @@ def main() -> None:
         # load a single-process checkpoint onto shards, run, save back
         m = build(method)
         shard(m, world)
-        with torch.no_grad():  # a forward without backward leaves the FSDP2 root unsharded: load must still land
-            m.eval()(input_ids=probe_ids())
+        m(input_ids=probe_ids())  # forward with grad, no backward: the FSDP2 root stays unsharded; load must land
         pc.load_adapters(m, ref / method)
+        m(input_ids=probe_ids(), labels=probe_ids()).loss.backward()  # reshards the root: the load must be in the shards
         with torch.no_grad():
             logits = m.eval()(input_ids=probe_ids()).logits
         if rank == 0:
