@@ -336,7 +336,12 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     labels = sorted({str(r["label"]) for r in rows + eval_rows}) if task == "classification" else None
     resume = None
     if cfg.resume:
-        resume = get_last_checkpoint(str(cfg.out)) if cfg.resume == "last" else cfg.resume
+        if cfg.resume == "last":
+            resume = get_last_checkpoint(str(cfg.out)) if Path(cfg.out).is_dir() else None
+        else:
+            resume = cfg.resume
+            if not Path(resume).is_dir():
+                raise AdapterError(f"--resume {resume}: no such checkpoint folder; pass a checkpoint-N folder or 'last'")
         if resume is None:
             raise AdapterError(f"--resume last: no checkpoint-N folder in {cfg.out}; train once without --resume")
 
@@ -344,7 +349,8 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     train_ds = TokenRows(rows, tok, cfg.seq_len, labels)
     eval_ds = TokenRows(eval_rows, tok, cfg.seq_len, labels) if eval_rows else None
     trainable = ["classifier", "score"] if task == "classification" else None
-    spec = AdapterSpec(method, targets=_targets(cfg.targets), trainable=trainable)
+    # a classification head trains fully (and is saved with the adapter), so it gets no adapter itself
+    spec = AdapterSpec(method, targets=_targets(cfg.targets), exclude=trainable, trainable=trainable)
     diffora_info = None
     if cfg.diffora_budget is not None:
         from . import diffora
