@@ -94,7 +94,8 @@ def train(
     task: str = typer.Option("auto", help="auto | causal-lm | classification"),
     method: str = typer.Option("lora", help="lora | gralora | rasa"),
     r: int = typer.Option(16, "--r", "--rank", help="adapter rank (under torchrun spell it --rank: torchrun "
-                          "reads --r as an abbreviation of its own options)"), k: int = typer.Option(2, help="GraLoRA blocks / RaSA shared rank"),
+                          "reads --r as an abbreviation of its own options)"),
+    k: int = typer.Option(2, help="GraLoRA blocks / RaSA shared rank"),
     alpha: Optional[float] = typer.Option(None, help="default 2*r"), hybrid_r: int = typer.Option(0),
     dropout: float = typer.Option(0.0),
     targets: str = typer.Option("all-linear", help="'all-linear', comma-separated suffixes or a regex"),

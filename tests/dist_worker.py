@@ -28,6 +28,7 @@ METHODS = {"lora": pc.LoRA(r=4, alpha=8), "gralora": pc.GraLoRA(r=4, k=2, alpha=
            "rasa": pc.RaSA(r=4, k=1, alpha=8)}
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 8
+COMPILED = ("ddp", "fsdp2")  # compiled runs (GraLoRA: the fused op with the most structure)
 
 
 def build(method: str, targets=TARGETS) -> torch.nn.Module:
@@ -93,12 +94,41 @@ def expect_error(fn, *parts: str) -> str:
     return "no error raised"
 
 
+def compiled_runs(out: Path, rank: int, world: int) -> dict:
+    """torch.compile(backend="peftcompile") inside DDP (small buckets, so dynamo splits the graph at
+    DDP's bucket boundaries) and around an FSDP2 model; GraLoRA on the tiny Llama."""
+    from torch._dynamo.utils import counters
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    res = {}
+    for mode in COMPILED:
+        torch._dynamo.reset()
+        counters.clear()
+        m = build("gralora")
+        if mode == "ddp":
+            # The tiny adapter (~6 KB) needs ~2 KB buckets to be split; DDPOptimizer requires the first
+            # bucket (1 MB by default) to be no larger than the others, so lower that default here.
+            dist._DEFAULT_FIRST_BUCKET_BYTES = 1024
+            runner = torch.compile(DDP(m, bucket_cap_mb=0.002), backend="peftcompile")
+        else:
+            shard(m, world)
+            runner = torch.compile(m, backend="peftcompile")
+        losses = train(m, runner, rank, world)
+        pc.save_adapters(m, out / f"compiled-{mode}-gralora")
+        res[f"compiled-{mode}"] = {"losses": losses, "counters": dict(counters["peftcompile"])}
+    return res
+
+
 def main() -> None:
     out, ref = Path(sys.argv[1]), Path(sys.argv[2])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if sys.argv[3:] == ["compile"]:  # opt-in: minutes of CPU compile time
+        res = compiled_runs(out, rank, world)
+        (out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
+        return
     res: dict = {}
     for method in METHODS:
         # DDP: count what the reducer all-reduces (must be the trainable adapter params only)
@@ -162,6 +192,10 @@ def main() -> None:
                                    "rank 0 and rank 1")
     res["diverged_wrote"] = (out / "diverged").exists()
     res["merge_sharded"] = expect_error(lambda: pc.merge_and_unload(m), "FSDP-sharded", "save_adapters")
+    torch.manual_seed(0)
+    bare = tiny_llama()
+    shard(bare, world)
+    res["load_new_onto_shards"] = expect_error(lambda: pc.load_adapters(bare, ref / "lora"), "adapt before fully_shard")
     dist.barrier()
     dist.destroy_process_group()
     res["no_group"] = expect_error(lambda: pc.save_adapters(m, out / "no-group"), "no process group")

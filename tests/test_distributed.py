@@ -117,6 +117,30 @@ def test_sharded_save_loads_single_process(runs, method):
         torch.testing.assert_close(m(input_ids=W.probe_ids()).logits, ref[method]["logits"], atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def compiled(runs, tmp_path_factory):
+    if os.environ.get("PEFTCOMPILE_TEST_DIST_COMPILE") != "1":
+        pytest.skip("opt-in (PEFTCOMPILE_TEST_DIST_COMPILE=1): inductor compiles on 2 shared CPU cores take minutes")
+    ref, ref_dir, _, _ = runs
+    out = tmp_path_factory.mktemp("compiled")
+    spawn([sys.executable, str(Path(W.__file__)), str(out), str(ref_dir), "compile"], timeout=900)
+    return ref, ref_dir, out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", W.COMPILED)
+def test_compiled_inside_ddp_and_fsdp2(compiled, mode):
+    """torch.compile(backend="peftcompile") around DDP (graph split at its buckets) and FSDP2: the
+    same losses and adapter as eager single-process training, with the adapter regions fused."""
+    ref, ref_dir, out, ranks = compiled
+    got = ranks[0][f"compiled-{mode}"]
+    assert got["losses"] == pytest.approx(ref["gralora"]["losses"], rel=1e-5)
+    assert got["counters"].get("fused_gralora", 0) >= 3, got["counters"]  # adapter regions were lowered
+    a, b = adapter_file(out / f"compiled-{mode}-gralora"), adapter_file(ref_dir / "gralora")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+
+
 def test_bad_inputs_across_ranks(runs):
     _, _, out, ranks = runs
     r0, r1 = ranks
@@ -125,6 +149,7 @@ def test_bad_inputs_across_ranks(runs):
         assert r["mismatch"] == "OK" and not r["mismatch_wrote"]
         assert r["diverged"] == "OK" and not r["diverged_wrote"]
         assert r["merge_sharded"] == "OK"
+        assert r["load_new_onto_shards"] == "OK"
         assert r["no_group"] == "OK" and not r["no_group_wrote"]
 
 
