@@ -142,3 +142,20 @@ def test_bad_inputs(tmp_path):
         t.train(resume_from_checkpoint=str(tmp_path / "not-a-ckpt"))
     after = pc.io.adapter_state(m, "default")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_best_model_at_end_loads_that_adapter(tmp_path):
+    t = PeftcompileTrainer(model=model(), train_dataset=Rows(), eval_dataset=Rows(n=4, seed=9),
+                           args=args(tmp_path, eval_strategy="steps", eval_steps=3, load_best_model_at_end=True,
+                                     metric_for_best_model="loss", greater_is_better=False))
+    t.train()
+    best = t.state.best_model_checkpoint
+    assert best is not None and best.endswith(("checkpoint-3", "checkpoint-6"))
+    with torch.no_grad():  # whichever checkpoint won, loading it must overwrite these values
+        for p in t.model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    t._load_best_model()  # what Trainer calls at the end of train() with load_best_model_at_end
+    saved = load_file(os.path.join(best, "adapter_model.safetensors"))
+    own = pc.io.adapter_state(t.model, "default")
+    assert saved.keys() == own.keys() and all(torch.equal(saved[k], own[k].detach()) for k in saved)
