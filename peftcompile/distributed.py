@@ -26,27 +26,27 @@ import json
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = [
-    "unwrap",
-    "unwrapped",
+    "RENDEZVOUS_TIMEOUT_S",
+    "copy_into_",
     "is_distributed",
     "is_sharded",
     "rank",
+    "require_unsharded",
+    "reshard_",
+    "shard",
+    "unwrap",
+    "unwrapped",
     "world_size",
     "write_checkpoint",
-    "copy_into_",
-    "require_unsharded",
-    "shard",
-    "reshard_",
-    "RENDEZVOUS_TIMEOUT_S",
 ]
 
 #: How long save_adapters waits for every rank to arrive before naming the missing ones.

@@ -20,17 +20,17 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-from torch import nn
 
 from .api import AdapterError
 from .distributed import is_sharded
 
-__all__ = ["TrainConfig", "run_train", "read_examples", "ByteTokenizer"]
+__all__ = ["ByteTokenizer", "TrainConfig", "read_examples", "run_train"]
 
 METHODS = ("lora", "gralora", "rasa")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp2")
@@ -158,7 +158,11 @@ def _load(cfg: TrainConfig, task: str, labels: list[str] | None):
     if not (path / "config.json").is_file():
         raise AdapterError(f"--model {cfg.model!r} is neither a tiny example ({sorted(EXAMPLES)}) nor a model "
                            f"folder with config.json")
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     if task == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -206,7 +210,13 @@ def _is_main() -> bool:
 
 # ---------------------------------------------------------------- progress and report
 def _progress_callback(total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
     from transformers import TrainerCallback
 
     class RichProgress(TrainerCallback):
@@ -358,7 +368,9 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         if _is_main():
             log(f"DiffoRA search: budget {cfg.diffora_budget}, {cfg.diffora_steps} steps")
         split = max(1, len(train_ds) // 5)
-        batch = lambda items: {k: torch.stack([it[k] for it in items]) for k in items[0]}  # noqa: E731
+        def batch(items: list[dict]) -> dict:
+            return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
         tb = [batch(train_ds.items[i:i + cfg.batch_size]) for i in range(split, len(train_ds), cfg.batch_size)]
         vb = [batch(train_ds.items[i:i + cfg.batch_size]) for i in range(0, split, cfg.batch_size)]
         placement = diffora.search(model, spec, tb or vb, vb, budget=cfg.diffora_budget, steps=cfg.diffora_steps,
@@ -387,7 +399,7 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     args = TrainingArguments(**kw)
     compute_metrics = None
     if task == "classification":
-        def compute_metrics(p):  # noqa: E306
+        def compute_metrics(p):
             pred = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
             return {"accuracy": float((pred.argmax(-1) == p.label_ids).mean())}
     callbacks = [_progress_callback(cfg.steps)] if cfg.progress else []

@@ -136,7 +136,7 @@ def main() -> None:
         ddp = DDP(m)
         reduced = []
 
-        def hook(state, bucket):
+        def hook(state, bucket, reduced=reduced):
             reduced.append(sum(p.numel() for p in bucket.parameters()))
             fut = dist.all_reduce(bucket.buffer() / world, async_op=True).get_future()
             return fut.then(lambda f: f.value()[0])

@@ -22,7 +22,7 @@ from peftcompile.cli import app
 from peftcompile.train import TrainConfig, run_train
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the cat sat on a mat while dogs ran in the park and birds sang songs".split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "in", "the", "park", "and", "birds", "sang", "songs"]
 
 
 @pytest.fixture(scope="module")

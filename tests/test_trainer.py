@@ -7,15 +7,15 @@ import os
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_llama
 from safetensors.torch import load_file
 
 import peftcompile as pc
-from conftest import VOCAB, tiny_llama
 
 transformers = pytest.importorskip("transformers")
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments
 
-from peftcompile.integrations.transformers import PeftcompileTrainer  # noqa: E402
+from peftcompile.integrations.transformers import PeftcompileTrainer
 
 os.environ.setdefault("ACCELERATE_USE_CPU", "1")
 

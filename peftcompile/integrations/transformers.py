@@ -143,7 +143,10 @@ class PeftcompileTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self._named_optimizer_format():
             return super()._save_optimizer_and_scheduler(output_dir)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         # collective for sharded states: every rank calls, rank 0 receives the full dict
         full = get_optimizer_state_dict(reshard_(unwrap(self.model)), self._torch_optimizer(),
@@ -158,7 +161,10 @@ class PeftcompileTrainer(Trainer):
         opt, sch = Path(checkpoint) / OPTIMIZER_NAME, Path(checkpoint) / SCHEDULER_NAME
         if not (opt.is_file() and sch.is_file()):
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         state = torch.load(opt, map_location="cpu", weights_only=True)  # every rank reads the full state
         set_optimizer_state_dict(reshard_(unwrap(self.model)), self._torch_optimizer(), optim_state_dict=state,
