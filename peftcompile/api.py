@@ -391,6 +391,9 @@ def set_active(model: nn.Module, names: str | Sequence[str], *, inference_mode: 
     run (PEFT's ``set_adapter(..., inference_mode=True)``; also what ``load_adapters`` does
     unless ``is_trainable=True``); ``False`` makes them trainable again; None keeps each
     adapter's mode."""
+    from .distributed import unwrap
+
+    model = unwrap(model)
     st = require_state(model)
     if isinstance(names, str):
         names = (names,)
@@ -543,8 +546,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     The returned (same) model has exactly the original ``state_dict`` keys, its class
     forwards and its original ``requires_grad`` flags, so ``save_pretrained`` writes a
-    plain checkpoint.
+    plain checkpoint. A DDP / torch.compile wrapper is unwrapped (the inner model is
+    returned); an FSDP-sharded model is refused with the fix (save, then merge unsharded).
     """
+    from .distributed import require_unsharded, unwrap
+
+    require_unsharded(model, "merge_and_unload")
+    model = unwrap(model)
     st = require_state(model)
     _check_mergeable(model)
     _merge_sites(model)

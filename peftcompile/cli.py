@@ -111,6 +111,53 @@ def merge(model: str = typer.Argument(..., help="base model: HF folder or exampl
     console.print(f"merged checkpoint written to {out}")
 
 
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="HF model folder (hub-style local path), or tiny-llama|tiny-gpt2"),
+    data: Path = typer.Option(..., "--data", help=".jsonl ('text', and 'label' to classify) or a text file"),
+    out: Path = typer.Option(Path("peftcompile-train"), help="output folder: checkpoints, adapter, report"),
+    eval_data: Optional[Path] = typer.Option(None, help="eval file (default: --eval-fraction of --data)"),
+    eval_fraction: float = typer.Option(0.1),
+    task: str = typer.Option("auto", help="auto | causal-lm | classification"),
+    method: str = typer.Option("lora", help="lora | gralora | rasa"),
+    r: int = typer.Option(16, "--r", "--rank", help="adapter rank (under torchrun spell it --rank: torchrun "
+                          "reads --r as an abbreviation of its own options)"),
+    k: int = typer.Option(2, help="GraLoRA blocks / RaSA shared rank"),
+    alpha: Optional[float] = typer.Option(None, help="default 2*r"), hybrid_r: int = typer.Option(0),
+    dropout: float = typer.Option(0.0),
+    targets: str = typer.Option("all-linear", help="'all-linear', comma-separated suffixes or a regex"),
+    diffora_budget: Optional[float] = typer.Option(None, help="place adapters by DiffoRA search, keep this fraction"),
+    diffora_steps: int = typer.Option(50),
+    steps: int = typer.Option(100, help="optimizer steps (<= 0: --epochs)"), epochs: float = typer.Option(1.0),
+    batch_size: int = typer.Option(8, help="per process"), lr: float = typer.Option(2e-4),
+    seq_len: int = typer.Option(128), save_steps: int = typer.Option(50), eval_steps: int = typer.Option(50),
+    logging_steps: int = typer.Option(5), seed: int = typer.Option(0),
+    compile: bool = typer.Option(True, help="torch.compile(backend='peftcompile')"),
+    resume: Optional[str] = typer.Option(None, help="'last' or a checkpoint-N folder"),
+    distributed: str = typer.Option("auto", help="auto | none | ddp | fsdp2 (ddp/fsdp2 under torchrun)"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Fine-tune with an adapter: adapter-only checkpoints, resume, eval, report with plots;
+    the same command under `torchrun --nproc-per-node N` (DDP or FSDP2)."""
+    from .api import AdapterError
+    from .train import TrainConfig, run_train
+
+    cfg = TrainConfig(model=model, data=data, out=out, eval_data=eval_data, eval_fraction=eval_fraction, task=task,
+                      method=method, r=r, k=k, alpha=alpha, hybrid_r=hybrid_r, dropout=dropout, targets=targets,
+                      diffora_budget=diffora_budget, diffora_steps=diffora_steps, steps=steps, epochs=epochs,
+                      batch_size=batch_size, lr=lr, seq_len=seq_len, save_steps=save_steps, eval_steps=eval_steps,
+                      logging_steps=logging_steps, seed=seed, compile=compile, resume=resume,
+                      distributed=distributed, progress=progress)
+    try:
+        res = run_train(cfg, log=console.log)
+    except AdapterError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        console.print(f"loss {res['loss_first']:.4f} -> {res['loss_last']:.4f}; "
+                      f"eval {res['eval'].get('eval_loss', float('nan')):.4f}; report: {out / 'report.md'}")
+
+
 from .export.cli import export_command  # noqa: E402  (defined with the exporter)
 
 app.command("export", help="Export a model (+ adapter) to ONNX, merged or unmerged, checked against onnxruntime.")(

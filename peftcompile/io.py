@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .api import apply_plan_, check_adapter_name, plan_adapt, set_active
+from .distributed import copy_into_, require_unsharded, unwrap, unwrapped, write_checkpoint
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import MethodConfig, method_for, registered_methods
 from .methods.registry import ANY
@@ -53,6 +54,9 @@ def save_adapters(model: nn.Module, path: str | Path, name: str | None = None, *
                   format: str = "peftcompile") -> Path:
     """Write one adapter (default: the only active one) to the directory ``path``.
 
+    Wrapped (DDP, FSDP1, torch.compile) and FSDP2-sharded models work; with a process group
+    every rank must call it: shards are gathered and rank 0 writes (``peftcompile.distributed``).
+
     ``format="peft"`` writes PEFT's own layout (``base_model.model.<site>.<PEFT key>`` and a
     PEFT ``adapter_config.json``) for methods that declare a PEFT format (LoRA, GraLoRA), so
     ``PeftModel.from_pretrained`` and serving stacks that read PEFT LoRA load it; the sites
@@ -64,6 +68,11 @@ def save_adapters(model: nn.Module, path: str | Path, name: str | None = None, *
     an interrupted save leaves the previous checkpoint loadable (:func:`load_adapters`
     falls back to it) and never a silent mix of new weights and an old config.
     """
+    with unwrapped(model, writeback=False) as inner:
+        return _save_adapters(inner, path, name, format)
+
+
+def _save_adapters(model: nn.Module, path: str | Path, name: str | None, format: str) -> Path:
     st = require_state(model)
     if name is None:
         if len(st.active) != 1:
@@ -74,7 +83,7 @@ def save_adapters(model: nn.Module, path: str | Path, name: str | None = None, *
         name = st.active[0]
     if name not in st.specs:
         raise AdapterError(f"no adapter named {name!r}; this model has {sorted(st.specs)}")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in checkpoint_params(model, name).items()}
+    tensors = {k: v.detach() for k, v in checkpoint_params(model, name).items()}
     meta = sorted(k for k, v in tensors.items() if v.is_meta)
     if meta:
         raise AdapterError(f"adapter {name!r} has tensors on the meta device ({meta[:3]}); materialise the model "
@@ -93,8 +102,8 @@ def save_adapters(model: nn.Module, path: str | Path, name: str | None = None, *
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AdapterError(f"cannot create the adapter directory {path}: {e}") from None
-    _write_checkpoint(path, tensors, cfg, peft_layout=format == "peft")
-    return path
+    # gathers shards, checks the ranks agree, rank 0 writes (one process: just writes)
+    return write_checkpoint(path, tensors, cfg, lambda p, t, c: _write_checkpoint(p, t, c, peft_layout=format == "peft"))
 
 
 def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: dict[str, torch.Tensor],
@@ -138,7 +147,7 @@ def _sha256(file: Path) -> str:
 
 
 def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], cfg: dict, *, peft_layout: bool = False) -> None:
-    """Weights and config as one unit (see save_adapters). Our config records the weights'
+    """Weights and config (full CPU tensors) as one unit (see save_adapters). Our config records the weights'
     sha256; a PEFT-layout config must stay PEFT's (PEFT warns on unknown keys), so there the
     weights' safetensors metadata records the config's sha256 instead."""
     weights, config, prev = path / WEIGHTS_NAME, path / CONFIG_NAME, path / (WEIGHTS_NAME + PREV_SUFFIX)
@@ -323,6 +332,7 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
                 f"make a later unmerge() subtract the wrong delta. Fix: peftcompile.unmerge(model) first"
             )
     else:
+        require_unsharded(model, f"adding adapter {name!r} (adapt before fully_shard)")
         # exact names: a recorded site "fc" must not also select "sub.fc"
         plan = plan_adapt(model, AdapterSpec(spec.method, exact_targets(sites), trainable=spec.trainable), name)
         if set(plan.sites) != set(sites):
@@ -332,7 +342,7 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
     own = checkpoint_params(model, name)
     with torch.no_grad():
         for k, t in own.items():
-            t.copy_(tensors[k])
+            copy_into_(t, tensors[k])  # a DTensor shard keeps its own slice
     st = state_of(model)
     if is_trainable is None:
         is_trainable = existed and name not in st.frozen
@@ -351,8 +361,16 @@ def load_adapters(model: nn.Module, path: str | Path, name: str | None = None, *
     into a model that has adapters it does not switch the active adapter
     (``PeftModel.load_adapter``) unless ``activate=True``.
     If ``model`` already has an adapter of that name with the same spec and sites, its
-    weights are replaced in place (no retrace, no recompile).
+    weights are replaced in place (no retrace, no recompile). Wrapped and FSDP2-sharded
+    models work: each rank reads the full tensors and keeps its shard (any world size).
     """
+    with unwrapped(model, writeback=True) as inner:
+        _load_adapters(inner, path, name, is_trainable, activate)
+    return model
+
+
+def _load_adapters(model: nn.Module, path: str | Path, name: str | None, is_trainable: bool | None,
+                   activate: bool | None) -> nn.Module:
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter directory not found: {path} (save_adapters writes a directory with "
@@ -414,6 +432,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
 
     Outputs then equal PEFT's ``PeftModel`` on the same base model and inputs.
     """
+    model = unwrap(model)
     peft_dir = Path(peft_dir)
     c = _read_json(peft_dir / CONFIG_NAME)
     ptype = str(c.get("peft_type", "")).upper()

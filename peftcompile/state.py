@@ -60,8 +60,11 @@ class ModelState:
 
 
 def state_of(model: nn.Module) -> ModelState | None:
-    """The model's adapter state, or None if it has no peftcompile adapters."""
-    return model.__dict__.get(STATE_ATTR)
+    """The model's adapter state, or None if it has no peftcompile adapters. The state lives
+    on the model itself, also under DDP / FSDP1 / torch.compile wrappers (unwrapped here)."""
+    from .distributed import unwrap
+
+    return unwrap(model).__dict__.get(STATE_ATTR)
 
 
 def require_state(model: nn.Module) -> ModelState:
