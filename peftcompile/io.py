@@ -97,11 +97,7 @@ def _save_adapters(model: nn.Module, path: str | Path, name: str | None, format:
         cfg = {"format": FORMAT, "adapter": name, "spec": st.specs[name].to_dict(), "sites": sites, "groups": groups}
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise AdapterError(f"{path} exists and is not a directory; save_adapters writes a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AdapterError(f"cannot create the adapter directory {path}: {e}") from None
+        raise AdapterError(f"cannot save adapters to {path}: it is a file, not a directory; pass a folder path")
     # gathers shards, checks the ranks agree, rank 0 writes (one process: just writes)
     return write_checkpoint(path, tensors, cfg, lambda p, t, c: _write_checkpoint(p, t, c, peft_layout=format == "peft"))
 
@@ -150,6 +146,10 @@ def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], cfg: dict, *
     """Weights and config (full CPU tensors) as one unit (see save_adapters). Our config records the weights'
     sha256; a PEFT-layout config must stay PEFT's (PEFT warns on unknown keys), so there the
     weights' safetensors metadata records the config's sha256 instead."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)  # here, not earlier: only the writing rank creates it
+    except OSError as e:
+        raise AdapterError(f"cannot create the adapter directory {path}: {e}") from None
     weights, config, prev = path / WEIGHTS_NAME, path / CONFIG_NAME, path / (WEIGHTS_NAME + PREV_SUFFIX)
     tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_w, tmp_c = path / (WEIGHTS_NAME + tag), path / (CONFIG_NAME + tag)
