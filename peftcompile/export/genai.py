@@ -591,9 +591,10 @@ class GenaiAdapters:
                                f"{self.manifest['base_fingerprint'][:12]}); re-export it with to_genai on this base")
         inputs = self.manifest["adapter_inputs"]
         try:
-            # get_parameters() returns views into the file object: copy before it goes away
-            params = {k: np.array(v.numpy(), copy=True)
-                      for k, v in ort.AdapterFormat.read_adapter(str(file)).get_parameters().items()}
+            fmt = ort.AdapterFormat.read_adapter(str(file))
+            # get_parameters() returns views into ``fmt``'s buffers: copy while it is alive
+            params = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
+            del fmt
         except Exception as e:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
             raise AdapterError(f"{file} is not a readable .onnx_adapter file ({e})") from None
         by_name = {p["A"]: (site, "A") for site, p in inputs.items()} | {p["B"]: (site, "B") for site, p in
