@@ -96,8 +96,8 @@ def export_command(
                                                    ".onnx_adapter files) to swap adapters at run time [default: "
                                                    "merged for onnx, unmerged for genai]")] = None,
     fmt: Annotated[str, typer.Option("--format", help="onnx: one forward pass (this file); genai: an "
-                                        "onnxruntime-genai folder (KV cache, tokenizer, generation loop) with "
-                                        "switchable adapters")] = "onnx",
+                                     "onnxruntime-genai folder (KV cache, tokenizer, generation loop) with "
+                                     "switchable adapters")] = "onnx",
     precision: Annotated[str, typer.Option(help="--format genai: fp32 | int4 | fp16 (CUDA)")] = "fp32",
     device: Annotated[str, typer.Option(help="--format genai: cpu | cuda")] = "cpu",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="--format genai: replace an existing folder")] = False,
