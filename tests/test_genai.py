@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -140,31 +141,60 @@ def _torch_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids]), use_cache=False).logits[0].numpy()
 
 
+SPECS = {
+    "lora": pc.AdapterSpec(pc.LoRA(r=4, alpha=8.0), targets=["q_proj", "v_proj", "down_proj"]),
+    "gralora": pc.AdapterSpec(pc.GraLoRA(r=4, k=2, alpha=8.0, hybrid_r=2), targets="all-linear"),
+    "rasa": pc.AdapterSpec(pc.RaSA(r=4, k=1, alpha=8.0), targets=["k_proj", "o_proj", "gate_proj", "up_proj"]),
+}
+
+
+def _build_llama(root: Path) -> None:
+    """Files only: base folder, adapters, the fp32 export and its description (res.pkl)."""
+    base_dir = _base_dir(root, "llama")
+    base = _load(base_dir)
+    for i, (n, spec) in enumerate(SPECS.items()):
+        _adapter(base, spec, i + 1, root / f"ad_{n}")
+    _peft_lora(base, root / "ad_peft", seed=7)
+    res = to_genai(base_dir, {n: root / f"ad_{n}" for n in [*SPECS, "peft"]}, root / "genai_fp32")
+    (root / "res.pkl").write_bytes(pickle.dumps(res))
+
+
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory):
     """Tiny Llama base + LoRA (subset, r=4), GraLoRA (k=2, hybrid, all-linear: rank 10), RaSA
-    (another subset, rank 5) and a PEFT LoRA checkpoint, exported once (fp32, unmerged)."""
-    root = tmp_path_factory.mktemp("genai_llama")
-    base_dir = _base_dir(root, "llama")
+    (another subset, rank 5) and a PEFT LoRA checkpoint, exported once (fp32, unmerged).
+
+    Under pytest-xdist the files are built once per run (the first worker, under a file lock)
+    and shared by the workers; each worker loads its own models from them.
+    """
+    from filelock import FileLock
+    from peft import PeftModel
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "genai_llama"  # this run's, shared by its workers
+        with FileLock(str(root) + ".lock"):
+            if not (root / "res.pkl").is_file():
+                shutil.rmtree(root, ignore_errors=True)
+                root.mkdir()
+                _build_llama(root)
+    else:
+        root = tmp_path_factory.mktemp("genai_llama")
+        _build_llama(root)
+    base_dir = root / "llama-0-tok"
     base = _load(base_dir)
-    specs = {
-        "lora": pc.AdapterSpec(pc.LoRA(r=4, alpha=8.0), targets=["q_proj", "v_proj", "down_proj"]),
-        "gralora": pc.AdapterSpec(pc.GraLoRA(r=4, k=2, alpha=8.0, hybrid_r=2), targets="all-linear"),
-        "rasa": pc.AdapterSpec(pc.RaSA(r=4, k=1, alpha=8.0), targets=["k_proj", "o_proj", "gate_proj", "up_proj"]),
-    }
-    adapted = {n: _adapter(base, s, i + 1, root / f"ad_{n}") for i, (n, s) in enumerate(specs.items())}
+    dirs = {n: root / f"ad_{n}" for n in [*SPECS, "peft"]}
+    adapted = {n: pc.load_adapters(copy.deepcopy(base), dirs[n]) for n in SPECS}
     models = {n: pc.merge_and_unload(copy.deepcopy(m)) for n, m in adapted.items()}
-    models["peft"] = _peft_lora(base, root / "ad_peft", seed=7)
-    adapted["peft"] = models["peft"]  # PEFT's own merged model is the reference here
-    dirs = {n: root / f"ad_{n}" for n in models}
-    res = to_genai(base_dir, dirs, root / "genai_fp32")
+    # PEFT's own merged model is the reference for the PEFT checkpoint
+    peft_merged = PeftModel.from_pretrained(copy.deepcopy(base), dirs["peft"]).merge_and_unload().eval()
+    models["peft"] = adapted["peft"] = peft_merged
+    res = pickle.loads((root / "res.pkl").read_bytes())
     model = og.Model(str(res.path))
     ad = GenaiAdapters(res.path, model)
     for n in dirs:
         ad.load(n)
     return {"root": root, "base_dir": base_dir, "base": base, "models": models, "adapted": adapted, "dirs": dirs,
-            "res": res,
-            "og": model, "ad": ad}
+            "res": res, "og": model, "ad": ad}
 
 
 # ----------------------------------------------------------------------------- fp32, switchable
