@@ -93,7 +93,8 @@ def _require_genai():
     try:
         import onnxruntime_genai as og
     except ImportError:
-        raise AdapterError(f"to_genai needs onnxruntime-genai; pip install 'peftcompile[genai]' ({GENAI_PIN})") from None
+        raise AdapterError(f"to_genai needs onnxruntime-genai; pip install 'peftcompile[genai]' "
+                           f"({GENAI_PIN})") from None
     ver = tuple(int(x) for x in re.findall(r"\d+", og.__version__)[:2])
     lo, hi = GENAI_VERSION_RANGE
     if not lo <= ver < hi:
@@ -608,7 +609,8 @@ class GenaiAdapters:
             p = inputs[site]
             want_fixed = (0, p["in"]) if ab == "A" else (1, p["out"])
             if v.ndim != 2 or v.shape[want_fixed[0]] != want_fixed[1] or str(v.dtype) != p["dtype"]:
-                bad.append(f"{k}: {v.shape} {v.dtype}, model wants {'[in=%d, R]' % p['in'] if ab == 'A' else '[R, out=%d]' % p['out']} {p['dtype']}")
+                want = f"[in={p['in']}, R]" if ab == "A" else f"[R, out={p['out']}]"
+                bad.append(f"{k}: {v.shape} {v.dtype}, model wants {want} {p['dtype']}")
         for site, p in inputs.items():
             if (p["A"] in params) != (p["B"] in params):
                 bad.append(f"{site}: only one of its A/B tensors is in the file")
