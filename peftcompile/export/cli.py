@@ -94,23 +94,40 @@ def run_export(model: str, adapter: Optional[Path], output: Path, merged: bool =
 def export_command(
     model: Annotated[str, typer.Argument(help="base model: an HF model folder, 'minilm', or an example "
                                               "(tiny-llama, tiny-gpt2, tiny-bert)")],
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", "-a", help="adapter folder (save_adapters or "
-                                                                             "PEFT save_pretrained)")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="the .onnx file to write")] = Path("model.onnx"),
-    merged: Annotated[bool, typer.Option("--merged/--unmerged", help="fold the adapter into the weights, or keep "
-                                         "it as named graph inputs (+ .adapter.safetensors and .onnx_adapter "
-                                         "files) to swap adapters at run time")] = True,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="adapter folder (save_adapters or "
+                                                         "PEFT save_pretrained); --format genai: repeat it, as "
+                                                         "NAME=DIR")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="the .onnx file to write (--format genai: the "
+                                         "folder)")] = Path("model.onnx"),
+    merged: Annotated[Optional[bool], typer.Option("--merged/--unmerged", help="fold the adapter into the weights, "
+                                                   "or keep it as named graph inputs (+ .adapter.safetensors and "
+                                                   ".onnx_adapter files) to swap adapters at run time [default: "
+                                                   "merged for onnx, unmerged for genai]")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="onnx: one forward pass (this file); genai: an "
+                                     "onnxruntime-genai folder (KV cache, tokenizer, generation loop) with "
+                                     "switchable adapters")] = "onnx",
+    precision: Annotated[str, typer.Option(help="--format genai: fp32 | int4 | fp16 (CUDA)")] = "fp32",
+    device: Annotated[str, typer.Option(help="--format genai: cpu | cuda")] = "cpu",
     batch: Annotated[int, typer.Option(help="example batch size (the batch axis stays dynamic)")] = 2,
     seq_len: Annotated[int, typer.Option(help="example sequence length (the sequence axis stays dynamic)")] = 8,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="compare onnxruntime with PyTorch")] = True,
     tol: Annotated[float, typer.Option(help="max relative error accepted by --verify")] = 1e-4,
     allow_plain: Annotated[bool, typer.Option("--allow-plain", help="export the base model when no adapter is "
                                               "given")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output file (--format genai: "
+                                            "folder)")] = False,
 ) -> None:
     """Export a model with its adapter to ONNX (merged or unmerged) and check it with onnxruntime."""
     from ..errors import AdapterError
 
+    if fmt == "genai":
+        return _genai_command(model, adapter or [], output, bool(merged), precision, device, overwrite)
+    if fmt != "onnx":
+        raise AdapterError(f"--format: unknown format {fmt!r}; use onnx or genai")
+    if adapter and len(adapter) > 1:
+        raise AdapterError("--adapter: --format onnx exports one adapter; use --format genai to switch several")
+    adapter = Path(adapter[0]) if adapter else None
+    merged = True if merged is None else merged
     # Paths first: a bad path must not cost a model load and an export.
     if output.suffix != ".onnx":
         raise AdapterError(f"--output must end in .onnx, got {output}")
@@ -144,3 +161,30 @@ def export_command(
     console.print(t)
     if out["max_rel_err"] is not None and not out["ok"]:
         raise typer.Exit(code=1)
+
+
+def _genai_command(model: str, adapters: list[str], output: Path, merged: bool, precision: str, device: str,
+                   overwrite: bool) -> None:
+    """``--format genai``: peftcompile.export.to_genai, then a table of what was written."""
+    from ..errors import AdapterError
+    from .genai import to_genai
+
+    named = {}
+    for a in adapters:
+        name, sep, d = a.partition("=")
+        name, d = (name, d) if sep else (Path(a).name, a)
+        named[name] = Path(d)
+    try:
+        with console.status("building with the onnxruntime-genai model builder"):
+            res = to_genai(model, named, output, precision=precision, device=device, merged=merged,
+                           overwrite=overwrite)
+    except FileNotFoundError as e:
+        raise AdapterError(str(e)) from None
+    t = Table(title=f"peftcompile export --format genai ({'merged' if merged else 'switchable adapters'})")
+    t.add_column("item")
+    t.add_column("value")
+    t.add_row("folder", f"{res.path} ({res.architecture}, {res.precision}, {res.device})")
+    t.add_row("base model", f"{res.sizes['base'] / 1e6:.2f} MB")
+    for n, p in res.adapters.items():
+        t.add_row(f"adapter {n}", f"{p.name} ({res.sizes[n] / 1e6:.3f} MB)")
+    console.print(t)
