@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .methods import DEFAULT_METHOD, registered_methods
+
 from .cliguard import adapter_folder as _adapter_folder
 from .cliguard import check_output, guarded, set_debug
 from .cliguard import model_folder as _model_folder
@@ -119,7 +121,7 @@ def train(
     eval_data: Optional[Path] = typer.Option(None, help="eval file (default: --eval-fraction of --data)"),
     eval_fraction: float = typer.Option(0.1),
     task: str = typer.Option("auto", help="auto | causal-lm | classification"),
-    method: str = typer.Option("lora", help="lora | gralora | rasa"),
+    method: str = typer.Option(DEFAULT_METHOD, help=f"a registered method: {' | '.join(registered_methods())}"),
     r: int = typer.Option(16, "--r", "--rank", help="adapter rank (under torchrun spell it --rank: torchrun "
                           "reads --r as an abbreviation of its own options)"),
     k: int = typer.Option(2, help="GraLoRA blocks / RaSA shared rank"),

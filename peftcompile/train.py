@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterError
+from .methods import DEFAULT_METHOD
 from .distributed import is_sharded
 
 __all__ = ["ByteTokenizer", "TrainConfig", "read_examples", "run_train"]
@@ -45,7 +46,7 @@ class TrainConfig:
     eval_data: Path | None = None
     eval_fraction: float = 0.1
     task: str = "auto"  # auto | causal-lm | classification
-    method: str = "lora"
+    method: str = DEFAULT_METHOD
     r: int = 16
     k: int = 2
     alpha: float | None = None  # default 2 r

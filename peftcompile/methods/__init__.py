@@ -6,6 +6,9 @@ from .lora import LoRA
 from .gralora import GraLoRA
 from .rasa import RaSA
 
+#: The method a command uses when none is named (PEFT users' default).
+DEFAULT_METHOD = "lora"
+
 __all__ = [
     "Method",
     "MethodConfig",
@@ -20,4 +23,5 @@ __all__ = [
     "register_method",
     "registered_methods",
     "unregister_method",
+    "DEFAULT_METHOD",
 ]
