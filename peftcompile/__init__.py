@@ -22,6 +22,17 @@ from . import backend  # noqa: E402,F401  registers torch.compile(backend="peftc
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Lazy: ``peftcompile.diffora`` (the placement search) loads on first use, so a plain
+    # ``import peftcompile`` does not pay for it.
+    if name == "diffora":
+        import importlib
+
+        return importlib.import_module(".diffora", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "LoRA",
     "GraLoRA",

@@ -1,0 +1,35 @@
+"""DiffoRA: adapter placement by differentiable search (arXiv 2502.08905, reconstructed).
+
+``search`` (:mod:`.search`) builds the candidate adapters on a copy of the model and
+returns a :class:`~peftcompile.spec.Placement`; the gates and the bi-level loop live in
+:mod:`.loop`; the heatmap in :mod:`.plot`::
+
+    from peftcompile import diffora
+    p = diffora.search(model, spec, train_batches, val_batches, budget=0.25, steps=100)
+    diffora.plot_placement(p, "gates.png")
+"""
+
+from .loop import (BiLevelSearch, Gates, LossFn, SearchInputError, SearchLossError, StepLosses, cycle_batches,
+                   hf_loss, soft_top_k)
+from .plot import GateGrid, gate_grid, parse_site, plot_placement
+from .search import SEARCH_ADAPTER, DiffoRASearch, n_kept, search
+
+__all__ = [
+    "search",
+    "DiffoRASearch",
+    "n_kept",
+    "SEARCH_ADAPTER",
+    "plot_placement",
+    "gate_grid",
+    "GateGrid",
+    "parse_site",
+    "Gates",
+    "BiLevelSearch",
+    "StepLosses",
+    "LossFn",
+    "hf_loss",
+    "cycle_batches",
+    "soft_top_k",
+    "SearchInputError",
+    "SearchLossError",
+]
