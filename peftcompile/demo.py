@@ -23,16 +23,25 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DemoConfig", "run_demo", "Embedder", "RetrievalData", "retrieval_data", "retrieval_loss",
-           "retrieval_metrics", "encode", "train_steps"]
+__all__ = [
+    "DemoConfig",
+    "Embedder",
+    "RetrievalData",
+    "encode",
+    "retrieval_data",
+    "retrieval_loss",
+    "retrieval_metrics",
+    "run_demo",
+    "train_steps",
+]
 
 
 @dataclass
@@ -43,12 +52,12 @@ class DemoConfig:
     blocks: int = 2
     alpha: float = 16.0
     budget: float = 0.5
-    search_steps: int = 30
+    search_steps: int = 20
     warm_start: bool = False  # decided by measurement, see benchmarks/FIDELITY.md (C)
-    train_steps: int = 80
+    train_steps: int = 60
     batch_size: int = 32
-    max_len: int = 32  # queries
-    doc_len: int = 48
+    max_len: int = 24  # queries (median 17 tokens; the name comes first, a long signature's tail is cut)
+    doc_len: int = 32  # documents (median 14 tokens, 90th percentile 30)
     lr: float = 2e-3
     temperature: float = 0.05
     max_pairs: int | None = None  # cap on the pairs (quick runs); None: all (~2,400)

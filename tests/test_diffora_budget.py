@@ -8,8 +8,8 @@ import random
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import peftcompile as pc
 from peftcompile.api import STATE_ATTR
@@ -186,13 +186,15 @@ def test_spec_does_not_import_diffora():
     """spec.py must not reach up into the search or its plotting, not even lazily."""
     import ast
 
-    import peftcompile.spec as spec
+    from peftcompile import spec
 
-    tree = ast.parse(open(spec.__file__).read())
+    with open(spec.__file__) as f:
+        src = f.read()
+    tree = ast.parse(src)
     mods = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     mods += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in mods if "diffora" in m or "matplotlib" in m], mods
-    assert "diffora" not in open(spec.__file__).read().replace("peftcompile.diffora.plot_placement", "")
+    assert "diffora" not in src.replace("peftcompile.diffora.plot_placement", "")
 
 
 # --- bad input: clear error naming the argument/step, model untouched ---------------------

@@ -9,27 +9,36 @@ returns a :class:`~peftcompile.spec.Placement`; the gates and the bi-level loop 
     diffora.plot_placement(p, "gates.png")
 """
 
-from .loop import (BiLevelSearch, Gates, LossFn, SearchInputError, SearchLossError, StepLosses, cycle_batches,
-                   hf_loss, soft_top_k)
+from .loop import (
+                   BiLevelSearch,
+                   Gates,
+                   LossFn,
+                   SearchInputError,
+                   SearchLossError,
+                   StepLosses,
+                   cycle_batches,
+                   hf_loss,
+                   soft_top_k,
+)
 from .plot import GateGrid, gate_grid, parse_site, plot_placement
 from .search import SEARCH_ADAPTER, DiffoRASearch, n_kept, search
 
 __all__ = [
-    "search",
-    "DiffoRASearch",
-    "n_kept",
-    "SEARCH_ADAPTER",
-    "plot_placement",
-    "gate_grid",
-    "GateGrid",
-    "parse_site",
-    "Gates",
-    "BiLevelSearch",
-    "StepLosses",
-    "LossFn",
-    "hf_loss",
-    "cycle_batches",
-    "soft_top_k",
-    "SearchInputError",
-    "SearchLossError",
+                   "SEARCH_ADAPTER",
+                   "BiLevelSearch",
+                   "DiffoRASearch",
+                   "GateGrid",
+                   "Gates",
+                   "LossFn",
+                   "SearchInputError",
+                   "SearchLossError",
+                   "StepLosses",
+                   "cycle_batches",
+                   "gate_grid",
+                   "hf_loss",
+                   "n_kept",
+                   "parse_site",
+                   "plot_placement",
+                   "search",
+                   "soft_top_k",
 ]

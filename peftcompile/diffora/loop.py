@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +44,17 @@ from torch import nn
 from ..api import AdapterError
 from ..modules import SiteAdapter
 
-__all__ = ["Gates", "BiLevelSearch", "StepLosses", "LossFn", "hf_loss", "cycle_batches", "soft_top_k",
-           "SearchInputError", "SearchLossError"]
+__all__ = [
+    "BiLevelSearch",
+    "Gates",
+    "LossFn",
+    "SearchInputError",
+    "SearchLossError",
+    "StepLosses",
+    "cycle_batches",
+    "hf_loss",
+    "soft_top_k",
+]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -124,7 +134,7 @@ class Gates(nn.Module):
             g = self.gamma().cpu().tolist()
         return dict(zip(self.sites, g))
 
-    def attach_(self) -> "Gates":
+    def attach_(self) -> Gates:
         """Register the scaling hooks (in place on the adapters)."""
         if self._handles:
             raise RuntimeError("gates are already attached")

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..spec import Placement
 
-__all__ = ["parse_site", "gate_grid", "GateGrid", "plot_placement"]
+__all__ = ["GateGrid", "gate_grid", "parse_site", "plot_placement"]
 
 _NUM = re.compile(r"^\d+$")
 

@@ -30,18 +30,34 @@ import copy
 import math
 import warnings
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..api import SHARED_ATTR, AdapterError, _state, adapt, adapters_of, set_active, site_adapters
+from ..api import (
+    SHARED_ATTR,
+    AdapterError,
+    _state,
+    adapt,
+    adapters_of,
+    set_active,
+    site_adapters,
+)
 from ..methods import method_for
 from ..modules import SharedTensors, SiteAdapter
 from ..spec import AdapterSpec, Placement
-from .loop import BiLevelSearch, LossFn, SearchInputError, StepLosses, cycle_batches, hf_loss
+from .loop import (
+    BiLevelSearch,
+    LossFn,
+    SearchInputError,
+    StepLosses,
+    cycle_batches,
+    hf_loss,
+)
 
-__all__ = ["search", "DiffoRASearch", "n_kept", "SEARCH_ADAPTER"]
+__all__ = ["SEARCH_ADAPTER", "DiffoRASearch", "n_kept", "search"]
 
 #: Name of the temporary adapter the search attaches (on its private copy of the model).
 SEARCH_ADAPTER = "diffora_search"
