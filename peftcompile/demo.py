@@ -53,7 +53,7 @@ class DemoConfig:
     alpha: float = 16.0
     budget: float = 0.5
     search_steps: int = 20
-    warm_start: bool = False  # decided by measurement, see benchmarks/FIDELITY.md (C)
+    warm_start: bool = True  # decided by measurement: benchmarks/FIDELITY.md (C), warm >= fresh
     train_steps: int = 60
     batch_size: int = 32
     max_len: int = 24  # queries (median 17 tokens; the name comes first, a long signature's tail is cut)
