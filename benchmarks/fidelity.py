@@ -236,7 +236,8 @@ def _paired_t(a, b) -> tuple[float, float]:
     return float(t.statistic), float(t.pvalue)
 
 
-def part_b(seeds: int, steps: int, bs: int, lr: float) -> dict:
+def part_b(seeds: int, steps: int, bs: int, lr: float, methods: str = "") -> dict:
+    """Runs the methods whose name starts with one of the comma-separated ``methods`` (all if empty)."""
     from peftcompile.demo import retrieval_metrics
 
     t0 = time.perf_counter()
@@ -245,7 +246,10 @@ def part_b(seeds: int, steps: int, bs: int, lr: float) -> dict:
                  "zero_shot": retrieval_metrics(base, data.test), "runs": {}}
     print(f"B  zero-shot: {out['zero_shot']}", flush=True)
     targets = r"encoder\.encoder\..*"
+    want = [m.strip() for m in methods.split(",") if m.strip()]
     for name, cfg in B_METHODS.items():
+        if want and not any(name.startswith(w) for w in want):
+            continue
         runs = []
         for s in range(seeds):
             r = _finetune_retrieval(base, data, pc.AdapterSpec(cfg, targets=targets), steps, lr, s)
@@ -253,20 +257,24 @@ def part_b(seeds: int, steps: int, bs: int, lr: float) -> dict:
             print(f"B  {name:16s} seed {s}: R@1 {r['recall@1']:.3f} MRR {r['mrr']:.3f} "
                   f"({r['adapter_params']:,} params) [{time.perf_counter() - t0:.0f}s]", flush=True)
         out["runs"][name] = runs
+    return out
+
+
+def summarize_b(out: dict) -> dict:
+    """Mean +- std per method, paired t-test against LoRA (same seeds = same data order), plot."""
     summary = {}
-    lora = out["runs"]["LoRA r8"]
+    lora = out["runs"].get("LoRA r8")
     for name, runs in out["runs"].items():
         row = {k: mean_std(r[k] for r in runs) for k in ("recall@1", "mrr", "loss")}
         row["adapter_params"] = runs[0]["adapter_params"]
-        if name != "LoRA r8":
+        if lora and name != "LoRA r8" and len(runs) == len(lora) > 1:
             for k in ("recall@1", "mrr"):
                 row[f"t_vs_lora_{k}"] = _paired_t([r[k] for r in runs], [r[k] for r in lora])
         summary[name] = row
     out["summary"] = summary
-    out["wall_s"] = round(time.perf_counter() - t0, 1)
     fig = _figure(6, 3.4)
     ax = fig.add_subplot(1, 1, 1)
-    names = list(out["runs"])
+    names = [n for n in B_METHODS if n in out["runs"]]
     for i, nm in enumerate(names):
         ys = [r["mrr"] for r in out["runs"][nm]]
         ax.scatter([i] * len(ys), ys, s=18)
@@ -275,7 +283,7 @@ def part_b(seeds: int, steps: int, bs: int, lr: float) -> dict:
     ax.axhline(out["zero_shot"]["mrr"], color="grey", ls="--", label="zero-shot MiniLM")
     ax.set_xticks(range(len(names)), labels=names, fontsize=8)
     ax.set_ylabel("test MRR")
-    ax.set_title(f"(B) stdlib doc retrieval, {seeds} seeds, {steps} steps", fontsize=10)
+    ax.set_title(f"(B) stdlib doc retrieval, {out['seeds']} seeds, {out['steps']} steps", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     _savefig(fig, HERE / "fidelity_B.png")
@@ -470,6 +478,7 @@ def main() -> None:
     ap.add_argument("--b-steps", type=int, default=40)
     ap.add_argument("--b-batch", type=int, default=16)
     ap.add_argument("--b-lr", type=float, default=3e-3)
+    ap.add_argument("--b-methods", default="", help="comma-separated name prefixes: run only these methods in B")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -486,13 +495,17 @@ def main() -> None:
         if part == "A":
             res["A"] = part_a(min(args.seeds, 2))
         elif part == "B":
-            res["B"] = part_b(args.seeds, args.b_steps, args.b_batch, args.b_lr)
+            res["B"] = part_b(args.seeds, args.b_steps, args.b_batch, args.b_lr, args.b_methods)
         else:
             res["C"] = part_c(args.seeds)
         res[part]["wall_s"] = round(time.perf_counter() - t, 1)
         res[part]["cpu_s"] = round(time.process_time(), 1)
         # re-read just before writing: parts may run as separate processes side by side
         cur = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        if part == "B" and "B" in cur:  # methods may run as separate processes: merge their runs
+            res["B"]["runs"] = {**cur["B"].get("runs", {}), **res["B"]["runs"]}
+        if part == "B":
+            summarize_b(res["B"])
         cur.update({part: res[part], "conditions": cond})
         _write_json(RESULTS, cur)
     print(f"results: {RESULTS}")
