@@ -82,12 +82,20 @@ class Embedder(nn.Module):
 
 @torch.no_grad()
 def encode(model: Callable, tok, texts: Sequence[str], max_len: int, bs: int = 64) -> torch.Tensor:
-    """Embeddings [n, H] of ``texts`` (eval mode, no grad)."""
-    out = []
-    for i in range(0, len(texts), bs):
-        enc = tok(list(texts[i:i + bs]), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        out.append(model(enc["input_ids"], enc["attention_mask"]))
-    return torch.cat(out)
+    """Embeddings [n, H] of ``texts`` (eval mode, no grad), in the order given.
+
+    Texts are batched by length so that little compute goes to padding (masked pooling
+    makes the result independent of the batching)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(0)
+    for i in range(0, len(order), bs):
+        idx = order[i:i + bs]
+        enc = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        e = model(enc["input_ids"], enc["attention_mask"])
+        if out.numel() == 0:
+            out = e.new_empty(len(texts), e.shape[-1])
+        out[idx] = e
+    return out
 
 
 @dataclass
