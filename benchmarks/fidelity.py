@@ -423,13 +423,14 @@ def part_c(seeds: int, n_random: int = 5) -> dict:
                 "loss_all_sites": _finetune(base, spec, None, loss, train, test, ft_steps, 3e-2, s),
                 "loss_random": rand,
                 "loss_base": statistics.fmean(loss(base, b).item() for b in test),
+                "gates": warm.gates,
             }
             row["diffora_beats_every_random"] = row["loss_diffora_fresh"] < min(rand)
             row["diffora_rank_among_random"] = 1 + sum(r < row["loss_diffora_fresh"] for r in rand)
             rows.append(row)
             if s == 0:
                 plot_placement(warm, HERE / f"fidelity_C_gates_{'mlp' if 'MLP' in pname else 'llama'}.png",
-                               title=f"DiffoRA gates, {pname}, seed 0 (planted: {', '.join(planted)})"[:110])
+                               title=f"DiffoRA gates, {pname.split(' (')[0]}, seed 0 (kept framed)")
             print(f"C  {pname} seed {s}: recovered {row['recovered']}/{k}, fresh {row['loss_diffora_fresh']:.5f} "
                   f"warm {row['loss_diffora_warm']:.5f} planted {row['loss_planted']:.5f} all {row['loss_all_sites']:.5f} "
                   f"random {sorted(round(r, 5) for r in rand)} [{time.perf_counter() - t0:.0f}s]", flush=True)
@@ -471,6 +472,58 @@ def _plot_c(out: dict) -> None:
     _savefig(fig, HERE / "fidelity_C.png")
 
 
+def tables(res: dict) -> str:
+    """Markdown tables of whatever parts ``res`` holds (what FIDELITY.md quotes)."""
+    out = []
+    if "A" in res:
+        a = res["A"]
+        names = list(next(iter(a["rows"].values())))
+        out += ["| target | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for tk, row in a["rows"].items():
+            out.append(f"| {tk} | " + " | ".join(
+                f"{row[n]['rel_err']:.3f} (rank {row[n]['rank']:.0f})" for n in names) + " |")
+        out.append("")
+        out.append("params/layer: " + ", ".join(
+            f"{n} {next(iter(a['rows'].values()))[n]['params_per_layer']:.0f}" for n in names))
+        out.append("")
+    if "B" in res and "summary" in res["B"]:
+        b = res["B"]
+        z = b["zero_shot"]
+        n = {len(r) for r in b["runs"].values()}
+        out += [f"| arm | adapter params | test recall@1 | test MRR | paired t vs LoRA (R@1 / MRR) |",
+                "|---|---|---|---|---|",
+                f"| zero-shot MiniLM | 0 | {z['recall@1']:.3f} | {z['mrr']:.3f} | |"]
+        for name, row in b["summary"].items():
+            t = ""
+            if "t_vs_lora_mrr" in row:
+                t = (f"t = {row['t_vs_lora_recall@1'][0]:.2f}, p = {row['t_vs_lora_recall@1'][1]:.3f} / "
+                     f"t = {row['t_vs_lora_mrr'][0]:.2f}, p = {row['t_vs_lora_mrr'][1]:.3f}")
+            out.append(f"| {name} | {row['adapter_params']:,} | {row['recall@1'][0]:.3f} ± {row['recall@1'][1]:.3f} | "
+                       f"{row['mrr'][0]:.3f} ± {row['mrr'][1]:.3f} | {t} |")
+        out.append(f"\n(seeds per arm: {sorted(n)}; mean ± std over seeds)\n")
+    if "C" in res:
+        for pname, d in res["C"]["problems"].items():
+            rows = d["rows"]
+            out += [f"**{pname}**", "",
+                    "| seed | planted recovered | top-K gate min / rest max | DiffoRA fresh | warm | planted | all sites | "
+                    "random (best .. worst of 5) | DiffoRA rank among 5 random |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+            for s, r in enumerate(rows):
+                rnd = sorted(r["loss_random"])
+                out.append(f"| {s} | {r['recovered']}/{len(r['planted'])} | {r['gate_top_k_min']:.2f} / "
+                           f"{r['gate_rest_max']:.2f} | {r['loss_diffora_fresh']:.4g} | {r['loss_diffora_warm']:.4g} | "
+                           f"{r['loss_planted']:.4g} | {r['loss_all_sites']:.4g} | {rnd[0]:.4g} .. {rnd[-1]:.4g} | "
+                           f"{r['diffora_rank_among_random']} of 6 |")
+            beat = sum(r["diffora_beats_every_random"] for r in rows)
+            warm = sum(r["loss_diffora_warm"] <= r["loss_diffora_fresh"] for r in rows)
+            out += ["", f"DiffoRA (fresh) beats every random placement in {beat}/{len(rows)} seeds; "
+                        f"warm start <= fresh in {warm}/{len(rows)}; planted sites recovered "
+                        f"{sum(r['recovered'] for r in rows)}/{sum(len(r['planted']) for r in rows)}; "
+                        f"cross-seed Jaccard of the kept sites (one problem, {len(d['cross_seed_kept'])} search seeds): "
+                        f"{d['cross_seed_jaccard']:.2f}", ""]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["A", "B", "C", "all"], default="all")
@@ -480,7 +533,11 @@ def main() -> None:
     ap.add_argument("--b-lr", type=float, default=3e-3)
     ap.add_argument("--b-methods", default="", help="comma-separated name prefixes: run only these methods in B")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tables", action="store_true", help="print the markdown tables of the saved results and exit")
     args = ap.parse_args()
+    if args.tables:
+        print(tables(json.loads(RESULTS.read_text())))
+        return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import platform

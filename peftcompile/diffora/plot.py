@@ -98,7 +98,7 @@ def plot_placement(placement: Placement, path: str | Path, *, title: str | None 
     ax = fig.add_subplot(1, 1, 1)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")  # grey: no site there
     im = ax.imshow(np.ma.masked_invalid(g.values), cmap=cmap, aspect="auto")
-    fig.colorbar(im, ax=ax, label="gate gamma (relaxed DAM entry)")
+    fig.colorbar(im, ax=ax, label="gate γ")
     ax.set_xticks(range(nc), labels=g.cols, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(nr), labels=g.rows, fontsize=8)
     ax.set_xlabel("module type")
