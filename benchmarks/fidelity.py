@@ -528,6 +528,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["A", "B", "C", "all"], default="all")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--a-seeds", type=int, default=2)
+    ap.add_argument("--a-steps", type=int, default=600)
     ap.add_argument("--b-steps", type=int, default=40)
     ap.add_argument("--b-batch", type=int, default=16)
     ap.add_argument("--b-lr", type=float, default=3e-3)
@@ -550,7 +552,7 @@ def main() -> None:
             continue
         t = time.perf_counter()
         if part == "A":
-            res["A"] = part_a(min(args.seeds, 2))
+            res["A"] = part_a(args.a_seeds, args.a_steps)
         elif part == "B":
             res["B"] = part_b(args.seeds, args.b_steps, args.b_batch, args.b_lr, args.b_methods)
         else:
