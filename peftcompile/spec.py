@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,7 @@ class Placement:
     sites: kept site names; gates: every candidate site -> gate value;
     weights: optional searched adapter tensors {site: {param: tensor}} to warm-start from;
     shared: optional group tensors {group: {param: tensor}} (methods that share, e.g. RaSA).
+    The heatmap of the gates is ``peftcompile.diffora.plot_placement(placement, path)``.
     """
 
     sites: list[str]
@@ -164,9 +166,13 @@ class Placement:
                 raise ValueError(f"{path}: name the placement file *.json (weights go to {side.name})")
             flat = {f"{_W}{s}.{p}": t for s, ts in self.weights.items() for p, t in ts.items()}
             flat.update({f"{_S}{g}.{p}": t for g, ts in self.shared.items() for p, t in ts.items()})
-            save_file({k: t.detach().contiguous().cpu() for k, t in flat.items()}, str(side))
+            tmp = side.with_name(f".{side.name}.tmp")
+            save_file({k: t.detach().contiguous().cpu() for k, t in flat.items()}, str(tmp))
+            os.replace(tmp, side)  # atomic: a reader never sees a half-written file
             d["weights_file"] = side.name
-        path.write_text(json.dumps(d, indent=2))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(d, indent=2))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Placement":
@@ -187,12 +193,6 @@ class Placement:
                 owner, _, param = key[len(prefix):].rpartition(".")
                 store.setdefault(owner, {})[param] = t
         return p
-
-    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
-        """PNG heatmap of the gate values (layers x module types), kept sites framed."""
-        from .diffora import plot_placement
-
-        return plot_placement(self, path, title=title)
 
 
 _W, _S = "weights.", "shared."

@@ -47,13 +47,15 @@ def test_demo_quick_end_to_end(tmp_path):
     """The main job on the real pretrained model: search, adapt, compiled training, export, parity."""
     from peftcompile.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out_dir=tmp_path, search_steps=4, train_steps=4, probe_steps=4, per_class=12,
+    cfg = DemoConfig(out_dir=tmp_path, search_steps=4, train_steps=4, max_pairs=120,
                      batch_size=8, max_len=24, progress=False)
     res = run_demo(cfg, status=lambda s: None)
     assert 0 < res["placement"]["kept"] < res["placement"]["candidates"] == 36
     assert res["onnx"]["merged_max_rel_err"] <= 1e-4 and res["onnx"]["unmerged_max_rel_err"] <= 1e-4
     assert res["merge_max_abs_diff"] <= 1e-4
     assert all(torch.isfinite(torch.tensor(res[k])) for k in ("loss_first", "loss_last"))
+    for k in ("zero_shot", "adapted"):  # retrieval metrics of the test split
+        assert 0.0 <= res[k]["recall@1"] <= res[k]["recall@5"] <= 1.0 and 0.0 < res[k]["mrr"] <= 1.0
     for f in ("report.md", "results.json", "loss.png", "gates.png", "placement.json", "model.merged.onnx",
               "model.unmerged.onnx", "adapter/adapter_model.safetensors"):
         assert (tmp_path / f).is_file(), f

@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import peftcompile as pc
-from peftcompile.api import SHARED_ATTR, STATE_ATTR, site_adapters
-from peftcompile.diffora import DiffoRASearch, gate_grid, n_kept, parse_site, search
+from peftcompile.state import SHARED_ATTR, STATE_ATTR, site_adapters
+from peftcompile.diffora import DiffoRASearch, gate_grid, n_kept, parse_site, plot_placement, search
 from peftcompile.methods import method_for
 from peftcompile.modules import SiteAdapterSet
 
@@ -99,8 +99,10 @@ def test_search_keeps_the_planted_sites(method):
     assert sorted(p.gates) == [f"blocks.{i}.fc" for i in range(8)]
     assert tuple(p.sites) == PLANTED, sorted(p.gates.items(), key=lambda kv: -kv[1])
     others = [v for s, v in p.gates.items() if s not in PLANTED]
-    assert min(p.gates[s] for s in PLANTED) > max(others)
-    assert all(0.0 < v < 1.0 for v in p.gates.values())
+    # budget-coupled gates: they share a total of K = 2 and separate (annealed to ~0/1)
+    assert all(0.0 <= v <= 1.0 for v in p.gates.values())
+    assert sum(p.gates.values()) == pytest.approx(2.0, abs=1e-3)
+    assert min(p.gates[s] for s in PLANTED) > 0.9 and max(others) < 0.1, p.gates
 
 
 def test_search_keeps_the_planted_sites_other_seed():
@@ -164,8 +166,12 @@ def test_budget_one_keeps_every_site_and_rounding():
     p = search(base, SPECS["lora"], train, val, budget=1.0, steps=2, loss_fn=mse, progress=False)
     assert p.sites == [f"blocks.{i}.fc" for i in range(8)] == list(p.gates)
     assert set(p.weights) == set(p.sites)
-    assert [n_kept(b, 8) for b in (0.01, 0.25, 0.5, 1.0)] == [1, 2, 4, 8]
+    assert [n_kept(b, 8) for b in (0.0625, 0.25, 0.5, 1.0)] == [1, 2, 4, 8]
     assert n_kept(0.5, 7) == 4 and n_kept(0.3, 5) == 2  # half up
+    # a budget that keeps no site is an error naming the budget and the smallest valid one
+    # (it used to be bumped silently to one site)
+    with pytest.raises(pc.AdapterError, match=r"budget=0.01 keeps 0 of the 8 candidate sites.*budget >= 0.0625"):
+        n_kept(0.01, 8)
 
 
 def test_kept_sites_are_the_top_gates():
@@ -180,32 +186,67 @@ def test_kept_sites_are_the_top_gates():
 
 # --- gate mechanics and the bi-level steps ----------------------------------------------
 
-def test_gate_scales_each_delta_by_sigmoid():
+def test_gate_scales_each_delta_by_its_budget_coupled_gate():
+    """Each delta is scaled by gamma_c = sigmoid((g_c - theta) / tau), theta such that the
+    gammas sum to K (here 1 of 2 sites); the hooks go away with close()."""
+    from peftcompile.diffora import soft_top_k
+
     model = MLP()
     spec = pc.AdapterSpec(pc.LoRA(r=4, alpha=8))
-    s = DiffoRASearch(model, spec, loss_fn=lambda m, b: m(b).sum())
+    s = DiffoRASearch(model, spec, 0.5, loss_fn=lambda m, b: m(b).sum())
+    assert s.k == 1
     fc1, fc2 = s.adapters["fc1"], s.adapters["fc2"]
     with torch.no_grad():
         for p in (fc1.lora_B, fc2.lora_B):
             p.normal_()
         s.loop.gates.logits.copy_(torch.tensor([1.5, -0.7]))
+    s.loop.set_tau(0.5)
+    # two sites, sum 1: gamma_1 = sigmoid((g1 - g2) / (2 tau)) in closed form
+    g1 = torch.sigmoid(torch.tensor((1.5 + 0.7) / (2 * 0.5), dtype=torch.float64)).item()
+    assert s.gates() == pytest.approx({"fc1": g1, "fc2": 1 - g1}, abs=1e-6)  # fp32 logits
     x = torch.randn(5, 16)
     m = method_for(spec.method)
     with torch.no_grad():
         h = F.linear(x, s.model.fc1.weight, s.model.fc1.bias)
-        h = h + torch.sigmoid(torch.tensor(1.5)) * m.delta(x, dict(fc1.named_parameters()), spec.method)
+        h = h + g1 * m.delta(x, dict(fc1.named_parameters()), spec.method)
         h = F.relu(h)
         y = F.linear(h, s.model.fc2.weight, s.model.fc2.bias)
-        y = y + torch.sigmoid(torch.tensor(-0.7)) * m.delta(h, dict(fc2.named_parameters()), spec.method)
+        y = y + (1 - g1) * m.delta(h, dict(fc2.named_parameters()), spec.method)
         torch.testing.assert_close(s.model(x), y, rtol=1e-5, atol=1e-6)
-    assert s.gates() == pytest.approx({"fc1": torch.sigmoid(torch.tensor(1.5)).item(),
-                                       "fc2": torch.sigmoid(torch.tensor(-0.7)).item()})
     s.close()  # hooks removed: plain deltas again
     with torch.no_grad():
         hp = F.relu(F.linear(x, s.model.fc1.weight, s.model.fc1.bias)
                     + m.delta(x, dict(fc1.named_parameters()), spec.method))
         yp = F.linear(hp, s.model.fc2.weight, s.model.fc2.bias) + m.delta(hp, dict(fc2.named_parameters()), spec.method)
         torch.testing.assert_close(s.model(x), yp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k, tau", [(1, 1.0), (3, 0.3), (5, 0.05)])
+def test_soft_top_k_sums_to_k_and_its_gradient_is_exact(k, tau):
+    g = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+    gam = soft_top_k_(g, k, tau)
+    assert gam.sum().item() == pytest.approx(k, abs=1e-9)
+    assert ((gam >= 0) & (gam <= 1)).all()
+    order = torch.argsort(g, descending=True)
+    assert (gam[order][:-1] >= gam[order][1:]).all()  # monotone in the logit
+    # the implicit gradient of theta equals central differences of the solved map
+    w = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + k))
+    gg = g.clone().requires_grad_(True)
+    (soft_top_k_(gg, k, tau) * w).sum().backward()
+    eps = 1e-6
+    for i in range(8):
+        e = torch.zeros(8, dtype=torch.float64)
+        e[i] = eps
+        num = ((soft_top_k_(g + e, k, tau) * w).sum() - (soft_top_k_(g - e, k, tau) * w).sum()) / (2 * eps)
+        assert gg.grad[i].item() == pytest.approx(num.item(), rel=1e-5, abs=1e-8)
+    # competition: raising every logit together changes nothing
+    torch.testing.assert_close(soft_top_k_(g + 3.0, k, tau), gam)
+
+
+def soft_top_k_(g, k, tau):
+    from peftcompile.diffora import soft_top_k
+
+    return soft_top_k(g, k, tau)
 
 
 def test_gates_get_gradients_only_from_the_validation_step():
@@ -389,14 +430,14 @@ def test_gate_grid_and_plot(tmp_path):
     assert g.values[2, 1] == pytest.approx(0.21) and g.values[1, 2] == 0.9 and g.values[3, 3] == 0.2
     assert math.isnan(g.values[0, 2]) and math.isnan(g.values[0, 3])
     assert g.kept.sum() == 2 and g.kept[2, 1] and g.kept[1, 2]
-    out = p.plot(tmp_path / "gates.png")
+    out = plot_placement(p, tmp_path / "gates.png")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
     mixed = pc.Placement(["encoder.layer.0.attention.self.query"],
                          {"encoder.layer.0.attention.self.query": 0.7, "decoder.layer.0.attention.self.query": 0.3})
     assert gate_grid(mixed).rows == ["encoder.layer.0", "decoder.layer.0"]
-    mixed.plot(tmp_path / "mixed.png")
+    plot_placement(mixed, tmp_path / "mixed.png")
     assert (tmp_path / "mixed.png").stat().st_size > 0
 
 
@@ -426,13 +467,13 @@ def test_search_hf_llama_default_loss_and_adapt(tmp_path):
     assert sorted(pc.summary(model).sites["default"]) == sorted(p.sites)
     out = model(**_lm_batches(1, 2)[0])
     assert torch.isfinite(out.loss)
-    p.plot(tmp_path / "llama.png")
+    plot_placement(p, tmp_path / "llama.png")
     g = gate_grid(p)
     assert g.rows == ["0", "1"] and len(g.cols) == 7 and g.kept.sum() == 7
 
 
 def test_cycle_batches_orders():
-    from peftcompile.passes.placement import cycle_batches
+    from peftcompile.diffora.loop import cycle_batches
 
     def take(it, n):
         return [next(it) for _ in range(n)]
@@ -485,7 +526,9 @@ def test_nan_loss_names_the_step():
     with pytest.raises(FloatingPointError, match="train loss is nan at step 3"):
         search(base, SPECS["lora"], bad, val, steps=10, loss_fn=mse, shuffle=False, progress=False)
     bad_val = [(val[0][0] * float("nan"), val[0][1])]
-    with pytest.raises(FloatingPointError, match="validation loss is nan at step 1"):
+    with pytest.raises(FloatingPointError, match="validation loss is nan at step 1"):  # warmup=0: gates from step 1
+        search(base, SPECS["lora"], train, bad_val, steps=10, warmup=0, loss_fn=mse, progress=False)
+    with pytest.raises(pc.AdapterError, match="validation loss is nan at step 6"):  # default warmup = steps // 2
         search(base, SPECS["lora"], train, bad_val, steps=10, loss_fn=mse, progress=False)
 
 
@@ -509,6 +552,6 @@ def test_other_bad_input():
     with pytest.raises(TypeError, match="scalar tensor"):
         search(base, SPECS["lora"], train, val, steps=1, loss_fn=lambda m, b: m(b[0]), progress=False)
     with pytest.raises(ValueError, match="returned no .loss.*labels.*loss_fn"):
-        search(base, SPECS["lora"], [{"x": train[0][0]}], val, steps=1, progress=False)
+        search(base, SPECS["lora"], [{"x": train[0][0]}], [{"x": val[0][0]}], steps=1, progress=False)
     with pytest.raises(TypeError, match="AdapterSpec"):
         search(base, pc.LoRA(), train, val, steps=1, loss_fn=mse)

@@ -1,16 +1,18 @@
 """DiffoRA: choose adapter sites by differentiable search (arXiv 2502.08905, reconstructed).
 
-Every candidate site (the sites ``spec`` selects) gets the spec's adapter and a gate
-logit g_c; its delta is scaled by sigmoid(g_c). Adapter weights and gates are trained
+Every candidate site (the sites ``spec`` selects) gets the spec's adapter, scaled by a
+gate gamma_c in [0, 1]; the gates are a soft top-K of per-site logits (they sum to K,
+the number of sites the budget keeps, and compete for it; see
+:mod:`peftcompile.diffora.loop`). Adapter weights and gate logits are trained
 alternately (first-order DARTS: weights on training batches, gates on validation
-batches, see :mod:`peftcompile.passes.placement`), then the top ``budget`` fraction of
-sites by gate value is kept. The result is a :class:`~peftcompile.spec.Placement`
-that ``adapt(model, spec, placement=p)`` accepts; the kept sites then start from their
-searched weights (DiffoRA's weight sharing).
+batches) while the temperature anneals, so the gates end near 0/1; then the top-K sites
+by gate are kept. The result is a :class:`~peftcompile.spec.Placement` that
+``adapt(model, spec, placement=p)`` accepts; with ``warm_start=True`` the kept sites
+then start from their searched weights (DiffoRA's weight sharing).
 
-The user's model is never modified: the search runs on ``copy.deepcopy(model)``
-(memory: one extra copy of the model during the search), under ``torch.random.fork_rng``
-so the caller's RNG state is untouched too.
+The user's model is never modified: every argument is checked first, then the search
+runs on ``copy.deepcopy(model)`` (memory: one extra copy of the model during the
+search), under ``torch.random.fork_rng`` so the caller's RNG state is untouched too.
 
 RaSA: during the search a group's shared pool has L = (number of candidates in the
 group) * k rows; after discretisation only L_kept sites remain. Site i of a group
@@ -23,29 +25,34 @@ when the whole group is kept).
 
 from __future__ import annotations
 
+import collections.abc as cabc
 import copy
 import math
-import re
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .api import adapt, adapters_of, set_active
-from .errors import AdapterError
-from .state import SHARED_ATTR, site_adapters
-from .methods import method_for
-from .modules import SharedTensors, SiteAdapter
-from .passes.placement import BiLevelSearch, LossFn, StepLosses, cycle_batches
-from .spec import AdapterSpec, Placement
+from ..api import adapt, adapters_of, set_active
+from ..errors import AdapterError
+from ..state import SHARED_ATTR, site_adapters
+from ..state import state_of
+from ..methods import method_for
+from ..modules import SharedTensors, SiteAdapter
+from ..spec import AdapterSpec, Placement
+from .loop import (
+    BiLevelSearch,
+    LossFn,
+    SearchInputError,
+    StepLosses,
+    cycle_batches,
+    hf_loss,
+)
 
-__all__ = ["search", "DiffoRASearch", "parse_site", "gate_grid", "GateGrid", "plot_placement", "n_kept",
-           "SEARCH_ADAPTER"]
+__all__ = ["SEARCH_ADAPTER", "DiffoRASearch", "n_kept", "search"]
 
 #: Name of the temporary adapter the search attaches (on its private copy of the model).
 SEARCH_ADAPTER = "diffora_search"
@@ -53,7 +60,7 @@ SEARCH_ADAPTER = "diffora_search"
 
 def _check_budget(budget: Any) -> float:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (0.0 < budget <= 1.0):
-        raise ValueError(
+        raise AdapterError(
             f"budget={budget!r} is out of range: it is the fraction of candidate sites to keep, "
             f"valid range (0, 1] (e.g. 0.5 keeps half)"
         )
@@ -61,26 +68,54 @@ def _check_budget(budget: Any) -> float:
 
 
 def n_kept(budget: float, n_candidates: int) -> int:
-    """How many sites a budget keeps: round(budget * n), half up, at least 1."""
-    return max(1, min(n_candidates, math.floor(budget * n_candidates + 0.5)))
+    """How many sites a budget keeps: round(budget * n), half up.
+
+    Raises AdapterError when that is 0 (a budget must keep at least one site).
+    """
+    k = min(n_candidates, math.floor(budget * n_candidates + 0.5))
+    if k < 1:
+        raise AdapterError(
+            f"budget={budget!r} keeps 0 of the {n_candidates} candidate sites (round(budget * n) = 0); "
+            f"pass budget >= {0.5 / n_candidates:.4g} to keep at least one site"
+        )
+    return k
+
+
+def _check_int(name: str, v: Any, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        what = {"steps": ("a positive int", "the number of weight/gate alternations"),
+                "warmup": ("an int >= 0", "weight-only steps before the gates move")}
+        kind, why = what[name]
+        raise AdapterError(f"{name} must be {kind} ({why}), got {v!r}")
 
 
 def _check_steps(steps: Any, warmup: Any) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int (number of weight/gate alternations), got {steps!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0 (weight-only steps before the gates move), got {warmup!r}")
+    _check_int("steps", steps, 1)
+    _check_int("warmup", warmup, 0)
 
 
-def _check_not_empty(batches: Any, what: str) -> None:
+def _check_batches(batches: Any, what: str, default_loss: bool) -> None:
+    """Empty or obviously malformed batches are refused before anything is built."""
     if batches is None:
-        raise ValueError(f"{what} is None; pass a non-empty list, DataLoader or iterable of batches")
+        raise AdapterError(f"{what} is None; pass a non-empty list, DataLoader or iterable of batches")
+    if isinstance(batches, (str, bytes, Mapping, torch.Tensor)):
+        raise SearchInputError(
+            f"{what} must be an iterable of batches (e.g. a list of dicts), got a {type(batches).__name__}; "
+            f"wrap a single batch in a list: [{'batch'}]"
+        )
+    if not isinstance(batches, cabc.Iterable):
+        raise SearchInputError(f"{what} must be an iterable of batches, got {type(batches).__name__}")
     try:
         n = len(batches)
     except TypeError:
         return  # not sized: cycle_batches raises on the first empty pass
     if n == 0:
-        raise ValueError(f"{what} is empty; pass at least one batch")
+        raise AdapterError(f"{what} is empty; pass at least one batch")
+    if default_loss and isinstance(batches, cabc.Sequence) and not isinstance(batches[0], Mapping):
+        raise SearchInputError(
+            f"{what}[0] is a {type(batches[0]).__name__}: the default loss calls model(**batch) and needs "
+            f"dict batches; pass loss_fn=lambda model, batch: ... for other batch types"
+        )
 
 
 Tensors = dict[str, torch.Tensor]
@@ -96,10 +131,12 @@ class DiffoRASearch:
     does it).
     """
 
-    def __init__(self, model: nn.Module, spec: AdapterSpec, *, loss_fn: LossFn | None = None,
-                 lr: float = 1e-3, gate_lr: float = 1e-2, weight_decay: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, spec: AdapterSpec, budget: float = 0.5, *,
+                 loss_fn: LossFn | None = None, lr: float = 1e-3, gate_lr: float = 5e-2,
+                 weight_decay: float = 1.0, tau_start: float = 1.0, tau_end: float = 0.05) -> None:
         if not isinstance(spec, AdapterSpec):
-            raise TypeError(f"spec must be a peftcompile.AdapterSpec, got {type(spec).__name__}")
+            raise SearchInputError(f"spec must be a peftcompile.AdapterSpec, got {type(spec).__name__}")
+        self.budget = _check_budget(budget)
         self.spec = AdapterSpec(spec.method, spec.targets, spec.exclude)  # candidates: targets, not a placement
         self.method = method_for(spec.method)
         self.model = copy.deepcopy(model)
@@ -127,15 +164,15 @@ class DiffoRASearch:
         root = getattr(self.model, SHARED_ATTR, None)
         if root is not None and name in root:
             self.shared = {sh.group: sh for sh in root[name].values()}
-        self.loop = BiLevelSearch(self.model, self.adapters,
+        self.k = n_kept(self.budget, len(self.adapters))
+        self.loop = BiLevelSearch(self.model, self.adapters, self.k,
                                   [p for sh in self.shared.values() for p in sh.parameters()],
-                                  loss_fn=loss_fn, lr=lr, gate_lr=gate_lr, weight_decay=weight_decay)
+                                  loss_fn=loss_fn, lr=lr, gate_lr=gate_lr, weight_decay=weight_decay,
+                                  tau_start=tau_start, tau_end=tau_end)
 
     @staticmethod
     def _active(model: nn.Module) -> tuple[str, ...]:
-        from .state import state_of as _state
-
-        st = _state(model)
+        st = state_of(model)
         return tuple(st.active) if st else ()
 
     @property
@@ -148,8 +185,8 @@ class DiffoRASearch:
         """``warmup`` weight-only steps, then ``steps`` alternations (weight step, gate step);
         data order from Generators seeded by ``seed``."""
         _check_steps(steps, warmup)
-        _check_not_empty(train_batches, "train_batches")
-        _check_not_empty(val_batches, "val_batches")
+        _check_batches(train_batches, "train_batches", self.loop.loss_fn is hf_loss)
+        _check_batches(val_batches, "val_batches", self.loop.loss_fn is hf_loss)
         g_train = torch.Generator().manual_seed(seed)
         g_val = torch.Generator().manual_seed(seed + 1)
         train = cycle_batches(train_batches, "train_batches", g_train, shuffle)
@@ -157,15 +194,20 @@ class DiffoRASearch:
         return self.loop.run(train, val, steps, progress=progress, warmup=warmup)
 
     def gates(self) -> dict[str, float]:
+        """Site -> gate gamma in [0, 1] (they sum to the number of kept sites)."""
         return self.loop.gates.values()
 
-    def placement(self, budget: float) -> Placement:
-        """Keep the top ``budget`` fraction of sites by gate value (ties: model order) with their weights."""
-        budget = _check_budget(budget)
+    def placement(self, budget: float | None = None, *, warm_start: bool = True) -> Placement:
+        """Keep the top ``budget`` fraction of sites (default: the search's) by gate logit
+        (ties: model order), with their searched weights when ``warm_start``."""
+        budget = self.budget if budget is None else _check_budget(budget)
         gates = self.gates()
-        order = sorted(range(len(self.sites)), key=lambda i: (-gates[self.sites[i]], i))
+        logits = self.loop.gates.logits.detach().cpu().tolist()  # same order as gamma, no saturation ties
+        order = sorted(range(len(self.sites)), key=lambda i: (-logits[i], i))
         keep_idx = sorted(order[: n_kept(budget, len(self.sites))])
         kept = [self.sites[i] for i in keep_idx]
+        if not warm_start:
+            return Placement(kept, gates)
         weights, shared = self._kept_tensors(kept)
         return Placement(kept, gates, weights, shared)
 
@@ -223,7 +265,8 @@ class DiffoRASearch:
 
 def search(model: nn.Module, spec: AdapterSpec, train_batches: Iterable, val_batches: Iterable,
            budget: float = 0.5, steps: int = 100, loss_fn: LossFn | None = None, seed: int = 0, *,
-           warmup: int = 0, lr: float = 1e-3, gate_lr: float = 1e-2, weight_decay: float = 0.0,
+           warmup: int | None = None, lr: float = 1e-3, gate_lr: float = 5e-2, weight_decay: float = 1.0,
+           tau_start: float = 1.0, tau_end: float = 0.05, warm_start: bool = True,
            shuffle: bool = True, progress: bool = True) -> Placement:
     """Differentiable placement search; returns the kept sites, every gate and the searched weights.
 
@@ -233,139 +276,48 @@ def search(model: nn.Module, spec: AdapterSpec, train_batches: Iterable, val_bat
         spec: method (LoRA / GraLoRA / RaSA) and the candidate sites (targets/exclude).
         train_batches, val_batches: iterables of batches, re-iterated cyclically. A
             list/tuple is reshuffled each pass (``shuffle``) with a Generator seeded by ``seed``.
-        budget: fraction of candidate sites to keep, in (0, 1]; round half up, at least one.
+        budget: fraction of candidate sites to keep, in (0, 1]; K = round(budget * n), half
+            up, must be >= 1. The gates share a total of K throughout the search.
         steps: number of (weight step, gate step) alternations.
-        warmup: weight-only steps before the alternation starts (the gates of still-zero
-            deltas get no useful signal; a few dozen steps make the ranking much steadier).
+        warmup: weight-only steps before the gates move (default ``steps // 2``): every
+            delta starts at zero, so gates judged before the adapters learn only see noise.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default ``model(**batch).loss``.
         seed: seeds adapter init, dropout and data order (the caller's RNG is left as it was).
-        lr / weight_decay: AdamW on the adapter weights; gate_lr: Adam on the gate logits.
+        lr / weight_decay: AdamW on the adapter weights. The decay matters: it breaks the
+            symmetry gamma * B == (gamma / c) * (c * B) that lets a low gate hide behind
+            large weights, so sites that carry the fit pull their gates up (measured on
+            planted-site problems: 0.1-1.0 recovers them, 0 does not). gate_lr: the logits.
+        tau_start, tau_end: the gate temperature, annealed geometrically over ``steps``.
+        warm_start: return the kept sites' searched weights so ``adapt`` starts from them
+            (DiffoRA's weight sharing); ``False``: sites only, ``adapt`` starts fresh.
         progress: show a tqdm bar.
 
     Returns:
         ``Placement(sites, gates, weights, shared)`` for ``adapt(model, spec, placement=p)``.
 
     Raises:
-        ValueError: budget outside (0, 1], empty batches, bad steps/lr.
-        AdapterError: the spec selects no site of ``model`` (or adapt refuses it otherwise).
-        FloatingPointError: a NaN/inf loss (the message names the step).
+        AdapterError (a ValueError) naming the argument: budget outside (0, 1] or keeping
+        no site, bad steps/warmup/lr, empty batches, a spec selecting no site of ``model``;
+        its subclasses ``SearchInputError`` (also a TypeError: batches or loss of the wrong
+        form) and ``SearchLossError`` (also a FloatingPointError: a NaN/inf loss, naming
+        the step). In every case ``model`` is left unchanged.
     """
     _check_budget(budget)
+    if warmup is None:
+        _check_int("steps", steps, 1)
+        warmup = steps // 2
     _check_steps(steps, warmup)
-    _check_not_empty(train_batches, "train_batches")
-    _check_not_empty(val_batches, "val_batches")
+    _check_batches(train_batches, "train_batches", loss_fn is None)
+    _check_batches(val_batches, "val_batches", loss_fn is None)
+    if loss_fn is not None and not callable(loss_fn):
+        raise SearchInputError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        s = DiffoRASearch(model, spec, loss_fn=loss_fn, lr=lr, gate_lr=gate_lr, weight_decay=weight_decay)
+        s = DiffoRASearch(model, spec, budget, loss_fn=loss_fn, lr=lr, gate_lr=gate_lr, weight_decay=weight_decay,
+                          tau_start=tau_start, tau_end=tau_end)
         try:
             s.run(train_batches, val_batches, steps, warmup=warmup, seed=seed, shuffle=shuffle, progress=progress)
-            return s.placement(budget)
+            return s.placement(warm_start=warm_start)
         finally:
             s.close()
-
-
-# --- plotting -------------------------------------------------------------------------
-
-_NUM = re.compile(r"^\d+$")
-
-
-def parse_site(name: str) -> tuple[str, int | None, str]:
-    """(block prefix, layer index, module type) from a site name.
-
-    The first all-digit component is the layer: ``model.layers.3.self_attn.q_proj`` ->
-    ("model.layers", 3, "self_attn.q_proj"); ``blocks.2`` -> ("blocks", 2, "blocks");
-    a name without one -> ("", None, name).
-    """
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if _NUM.match(p):
-            prefix = ".".join(parts[:i])
-            return prefix, int(p), ".".join(parts[i + 1:]) or prefix or p
-    return "", None, name
-
-
-@dataclass
-class GateGrid:
-    """Gate values laid out as layers x module types (NaN where a layer lacks that type)."""
-
-    rows: list[str]  # layer labels ("3", or "encoder.layer.3" when prefixes differ; "(no layer)")
-    cols: list[str]  # module types, in first-seen order
-    values: np.ndarray  # [rows, cols] gate values
-    kept: np.ndarray  # [rows, cols] bool: cell holds a kept site
-    cell: dict[str, tuple[int, int]]  # site -> (row, col)
-    ylabel: str
-
-
-def gate_grid(placement: Placement) -> GateGrid:
-    """Arrange a placement's gates by (layer, module type) using :func:`parse_site`.
-
-    Rows with the same block prefix are sorted by index; sites without an index share
-    the last row, "(no layer)".
-    """
-    gates = dict(placement.gates)
-    for s in placement.sites:
-        gates.setdefault(s, float("nan"))
-    if not gates:
-        raise ValueError("placement has no sites and no gates to plot")
-    parsed = {s: parse_site(s) for s in gates}
-    prefixes = list(dict.fromkeys(p for p, i, _ in parsed.values() if i is not None))
-    rows = sorted({(p, i) for p, i, _ in parsed.values() if i is not None},
-                  key=lambda r: (prefixes.index(r[0]), r[1]))
-    if any(i is None for _, i, _ in parsed.values()):
-        rows.append(("", None))
-    cols = list(dict.fromkeys(t for _, _, t in parsed.values()))
-    values = np.full((len(rows), len(cols)), np.nan)
-    kept = np.zeros((len(rows), len(cols)), dtype=bool)
-    cell = {}
-    keep = set(placement.sites)
-    for s, (p, i, t) in parsed.items():
-        r, c = rows.index((p, i)), cols.index(t)
-        values[r, c] = gates[s]
-        kept[r, c] |= s in keep
-        cell[s] = (r, c)
-
-    def label(p: str, i: int | None) -> str:
-        if i is None:
-            return "(no layer)"
-        return str(i) if len(prefixes) == 1 else f"{p}.{i}"
-
-    ylabel = prefixes[0] if len(prefixes) == 1 and prefixes[0] else "layer"
-    return GateGrid([label(*r) for r in rows], cols, values, kept, cell, ylabel)
-
-
-def plot_placement(placement: Placement, path: str | Path, *, title: str | None = None) -> Path:
-    """Heatmap of gate values (rows: layers, columns: module types); kept sites framed in red.
-
-    Written with the Agg canvas directly, so no pyplot state or global backend is touched.
-    """
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    g = gate_grid(placement)
-    nr, nc = g.values.shape
-    fig = Figure(figsize=(max(4.0, 1.5 + 0.9 * nc), max(2.5, 1.4 + 0.35 * nr)), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")  # grey: no site there
-    im = ax.imshow(np.ma.masked_invalid(g.values), cmap=cmap, aspect="auto")
-    fig.colorbar(im, ax=ax, label="gate sigmoid(g)")
-    ax.set_xticks(range(nc), labels=g.cols, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(nr), labels=g.rows, fontsize=8)
-    ax.set_xlabel("module type")
-    ax.set_ylabel(g.ylabel)
-    for r, c in zip(*np.nonzero(g.kept)):
-        ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    if g.values.size <= 400:  # numbers stay legible only on small grids
-        for r, c in zip(*np.nonzero(~np.isnan(g.values))):
-            bright = im.norm(g.values[r, c]) > 0.6  # viridis turns yellow: dark text there
-            ax.text(c, r, f"{g.values[r, c]:.3f}", ha="center", va="center", fontsize=6,
-                    color="black" if bright else "white")
-    n_cand = len(placement.gates) or len(placement.sites)
-    ax.set_title(title or f"DiffoRA gates: {len(placement.sites)}/{n_cand} sites kept (red)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    return path
