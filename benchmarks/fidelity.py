@@ -490,7 +490,7 @@ def tables(res: dict) -> str:
         b = res["B"]
         z = b["zero_shot"]
         n = {len(r) for r in b["runs"].values()}
-        out += [f"| arm | adapter params | test recall@1 | test MRR | paired t vs LoRA (R@1 / MRR) |",
+        out += ["| arm | adapter params | test recall@1 | test MRR | paired t vs LoRA (R@1 / MRR) |",
                 "|---|---|---|---|---|",
                 f"| zero-shot MiniLM | 0 | {z['recall@1']:.3f} | {z['mrr']:.3f} | |"]
         for name, row in b["summary"].items():

@@ -189,7 +189,6 @@ def test_kept_sites_are_the_top_gates():
 def test_gate_scales_each_delta_by_its_budget_coupled_gate():
     """Each delta is scaled by gamma_c = sigmoid((g_c - theta) / tau), theta such that the
     gammas sum to K (here 1 of 2 sites); the hooks go away with close()."""
-    from peftcompile.diffora import soft_top_k
 
     model = MLP()
     spec = pc.AdapterSpec(pc.LoRA(r=4, alpha=8))
