@@ -339,3 +339,36 @@ def test_switching_enabling_disabling_compiles_each_state_once():
     assert backend.frames == first  # every state again, no new graph
     # a, b: 2 sites each; both: 2 stacked sites (4 regions); disabled: none
     assert counters["peftcompile"]["fused_lora"] == 2 + 2 + 4 and _skipped() == 0
+
+
+# ---------------------------------------------------------------- inductor
+def test_inductor_decomposes_dropout_and_casts():
+    """The default compiler on CPU: the ops (with xa and the dtype casts) decompose into their
+    reference math and inductor compiles them; ``fallback_random`` makes inductor draw the
+    dropout masks as eager does, so the numbers can be compared."""
+    model = MLP(d_in=16, d_hidden=24, d_out=8)
+    model.fc2.to(torch.bfloat16)
+    model.fc1.to(torch.bfloat16)
+    pc.adapt(model, pc.AdapterSpec(pc.GraLoRA(r=4, k=2, hybrid_r=2, dropout=0.2), targets="all-linear"))
+    for _, _, cont in site_adapters(model):
+        cont.float()
+    randomize_adapters_(model, std=0.1)
+    model.train()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 16).to(torch.bfloat16)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(model, backend="peftcompile")
+        torch.manual_seed(5)
+        out = compiled(x)
+        out.float().square().mean().backward()
+    torch.manual_seed(5)
+    expected = ref(x)
+    expected.float().square().mean().backward()
+    assert counters["peftcompile"]["fused_gralora"] == 2 and _skipped() == 0
+    assert counters["peftcompile"]["decomposed_graphs"] >= 1
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(out, expected, atol=4 * eps, rtol=4 * eps)
+    for k, g in _grads(model).items():
+        want = _grads(ref)[k]
+        torch.testing.assert_close(g, want, atol=4 * eps * want.abs().max().item(), rtol=4 * eps,
+                                   msg=lambda m: f"{k}: {m}")
