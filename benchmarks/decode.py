@@ -14,7 +14,9 @@ Rows (one process, same base weights, same prompt):
 
 Columns: prefill ms (a ``max_new_tokens=1`` call: one forward of the prompt), decode ms/token
 (``(t(N new) - t(1 new)) / (N - 1)``, the cached single-token steps), medians over
-``--iters`` calls after two warm-up calls (which compile prefill and the decode graphs);
+``--iters`` rounds in which every variant is timed in turn (round-robin, so that the drift of
+a shared machine spreads over all rows), after two warm-up calls each (which compile
+prefill and the decode graphs: "first call s");
 ratios vs merged compiled; whether the tokens equal the eager unmerged ones.
 Not a test: it asserts nothing about speed.
 """
@@ -86,21 +88,28 @@ def _time(m, ids, n: int, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def bench(name: str, m, ids, s: dict, device: str, iters: int) -> dict:
+def warm(name: str, m, ids, s: dict) -> dict:
+    """Two warm-up calls (they compile prefill and the decode graphs); the tokens and counters."""
     from torch._dynamo.utils import counters
 
     counters.clear()
     t0 = time.perf_counter()
-    tokens = _generate(m, ids, s["new"])  # warm-up 1: compiles prefill and the decode graphs
+    tokens = _generate(m, ids, s["new"])
     first = time.perf_counter() - t0
     _generate(m, ids, 1)
-    prefill, full = [], []
+    return dict(name=name, model=m, first_s=first, tokens=tokens.cpu(), prefill=[], full=[],
+                counters={k: v for k, v in counters["peftcompile"].items()})
+
+
+def time_round_robin(rows: list[dict], ids, s: dict, device: str, iters: int) -> None:
+    """Time every variant in turn, ``iters`` rounds: the drift of a shared machine spreads over all."""
     for _ in range(iters):
-        prefill.append(_time(m, ids, 1, device))
-        full.append(_time(m, ids, s["new"], device))
-    p, f = statistics.median(prefill), statistics.median(full)
-    return dict(name=name, prefill_ms=1e3 * p, decode_ms=1e3 * (f - p) / (s["new"] - 1), first_s=first,
-                tokens=tokens.cpu(), counters={k: v for k, v in counters["peftcompile"].items()})
+        for row in rows:
+            row["prefill"].append(_time(row["model"], ids, 1, device))
+            row["full"].append(_time(row["model"], ids, s["new"], device))
+    for row in rows:
+        p, f = statistics.median(row["prefill"]), statistics.median(row["full"])
+        row["prefill_ms"], row["decode_ms"] = 1e3 * p, 1e3 * (f - p) / (s["new"] - 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,14 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     unmerged = _adapted(base, cfg)
     merged = copy.deepcopy(unmerged)
     pc.merge(merged)
+    for knob in ("recompile_limit", "cache_size_limit"):  # four models' graphs stay cached
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     rows = []
     for name, m in [("base compiled", compiled(copy.deepcopy(base))),
                     (f"{cfg.name} unmerged eager", unmerged),
                     (f"{cfg.name} unmerged compiled", compiled(copy.deepcopy(unmerged))),
                     (f"{cfg.name} merged compiled", compiled(merged))]:
-        torch._dynamo.reset()
-        rows.append(bench(name, m, ids, s, a.device, a.iters))
-        print(f"# {name}: done", file=sys.stderr, flush=True)
+        rows.append(warm(name, m, ids, s))
+        print(f"# {name}: warm", file=sys.stderr, flush=True)
+    time_round_robin(rows, ids, s, a.device, a.iters)
     want = rows[1]["tokens"]
     ref = rows[3]
     dev = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}), " \
@@ -159,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['name']} | {row['prefill_ms']:.2f} | {row['decode_ms']:.2f} | "
               f"{row['decode_ms'] / ref['decode_ms']:.2f}x | {row['first_s']:.1f} | {same} | {fused} |")
     if a.json:
-        a.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "tokens"} for r in rows], indent=1))
+        a.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("tokens", "model")} for r in rows],
+                                     indent=1))
     return 0
 
 

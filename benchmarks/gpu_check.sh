@@ -23,6 +23,9 @@ mkdir -p "$OUT"
 TINY=0
 [ "${1:-}" = "--tiny" ] && TINY=1
 STEP_VARIANTS="${STEP_VARIANTS:-=frozen compiled,=PEFT LoRA compiled,=PEFT GraLoRA compiled,=peftcompile LoRA eager,=peftcompile LoRA backend,=peftcompile GraLoRA eager,=peftcompile GraLoRA backend}"
+if [ "$TINY" = 1 ]; then  # the interpreter on a shared CPU is slow; the limits are for the GPU
+  KERNEL_TIMEOUT="${KERNEL_TIMEOUT:-1200}"; STEP_TIMEOUT="${STEP_TIMEOUT:-1200}"
+fi
 KERNEL_TIMEOUT="${KERNEL_TIMEOUT:-210}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-330}"
 KERNEL_DTYPES="${KERNEL_DTYPES:-fp32,bf16,fp16}"

@@ -392,3 +392,32 @@ def test_reference_fallbacks():
                                    ops.lowrank_linear_ref(x, W, None, A, B, None, 2.0))
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+# ---------------------------------------------------------------------------- the GPU check script
+def test_kernel_check_script_tiny():
+    """benchmarks/kernel_check.py (what benchmarks/gpu_check.sh runs on CUDA) in its --tiny CPU
+    mode: a few of its cases pass, and a wrong kernel makes it fail (exit status 1)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_check.py"
+    spec = importlib.util.spec_from_file_location("kernel_check", path)
+    kc = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("kernel_check", kc)  # dataclasses resolve annotations through it
+    spec.loader.exec_module(kc)
+    tiny = kc.cases(tiny=True)
+    assert {c.op for c in tiny} == {"lowrank", "block"} and any(c.xa for c in tiny) and any(c.adapter_fp32 for c in tiny)
+    for c in [tiny[0], next(c for c in tiny if c.adapter_fp32 and c.xa)]:
+        ok, lines = kc.check(c, "bf16", "cpu", seed=0)
+        assert ok, lines
+    assert kc.main(["--tiny", "--device", "cpu", "--dtypes", "fp32", "--max-cases", "2"]) == 0
+
+    real = dispatch_cuda.lowrank_linear_cuda
+    try:  # a kernel off by a little must be caught
+        dispatch_cuda.lowrank_linear_cuda = lambda *a: real(*a) * (1 + 1e-3)
+        ok, lines = kc.check(tiny[0], "fp32", "cpu", seed=0)
+        assert not ok and any("FAIL" in ln for ln in lines)
+    finally:
+        dispatch_cuda.lowrank_linear_cuda = real
