@@ -294,6 +294,26 @@ def test_matmul_linears_are_adapted_and_fused(cfg):
     _assert_same(out, expected, model, ref)
 
 
+def test_falcon_linears_are_fused():
+    """transformers' Falcon: every projection is a FalconLinear (``x @ self.weight.T + bias``)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    model = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                           num_attention_heads=4, bias=True, hidden_dropout=0.0,
+                                           attention_dropout=0.0))
+    pc.adapt(model, pc.AdapterSpec(pc.GraLoRA(r=4, k=2), targets="all-linear"))
+    n = len(list(site_adapters(model)))
+    randomize_adapters_(model, std=0.1)
+    ref = copy.deepcopy(model)
+    ids = _ids()
+    out = _compile(model)(ids).logits
+    out.square().mean().backward()
+    expected = ref(ids).logits
+    expected.square().mean().backward()
+    assert n == 4 and counters["peftcompile"]["fused_gralora"] == n and _skipped() == 0
+    _assert_same(out, expected, model, ref)
+
+
 # ---------------------------------------------------------------- recompiles
 def test_marked_dynamic_length_compiles_once():
     """A length marked dynamic on the first call: one graph serves the next lengths, fused."""
