@@ -28,7 +28,7 @@ import logging
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
