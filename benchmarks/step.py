@@ -226,7 +226,13 @@ def run_cuda(variants: list[Variant], shape: Shape, dtype: torch.dtype, iters: i
     """One variant at a time (the GPU is ours alone): peak memory of one step, then do_bench's median."""
     out = []
     for v in variants:
-        p = prepare(v, shape, "cuda", dtype)
+        try:
+            p = prepare(v, shape, "cuda", dtype)
+        except Exception as e:  # e.g. peft missing on the GPU machine: report it, go on with the rest
+            print(f"  {v.name:45s} FAILED to build/compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                  flush=True)
+            torch._dynamo.reset()
+            continue
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         p.step()
@@ -304,13 +310,24 @@ def check_losses(results: list[Result], dtype: torch.dtype) -> list[str]:
 
 
 def versions(device: str) -> str:
-    import peft
     import transformers
 
+    try:
+        import peft
+
+        peft_v = peft.__version__
+    except ImportError:  # the PEFT rows then fail and are reported, the others still run
+        peft_v = "not installed"
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "not installed"
     dev = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     threads = torch.get_num_threads()
     return (f"device {device} ({dev}, torch threads {threads}); python {platform.python_version()}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+            f"torch {torch.__version__}, triton {triton_v}, transformers {transformers.__version__}, peft {peft_v}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="timed steps per variant (CPU default 30)")
     ap.add_argument("--rounds", type=int, default=5, help="CPU: round-robin rounds the timed steps are split in")
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
-    ap.add_argument("--variants", default=None, help="comma-separated substrings of variant names to run")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated substrings of variant names to run; '=name' matches one name exactly")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--warm-cache", action="store_true",
                     help="let inductor reuse its on-disk caches (default: off, so first-step times are cold compiles)")
@@ -338,12 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     # every variant keeps its compiled code: more cache entries than dynamo's default 8
-    torch._dynamo.config.recompile_limit = 64
+    # (the name changed across torch versions; the GPU machine may run an older one)
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     warnings.filterwarnings("ignore", category=FutureWarning)
     if not a.warm_cache:
         torch._inductor.config.force_disable_caches = True
-    chosen = [v for v in VARIANTS if a.variants is None
-              or any(s.strip().lower() in v.name.lower() for s in a.variants.split(","))]
+    def wanted(name: str) -> bool:
+        if a.variants is None:
+            return True
+        specs = [s.strip().lower() for s in a.variants.split(",")]
+        return any(name.lower() == s[1:] if s.startswith("=") else s in name.lower() for s in specs)
+
+    chosen = [v for v in VARIANTS if wanted(v.name)]
     print(versions(a.device))
     print(f"shape {shape}, dtype {dtype}, {iters} timed steps", flush=True)
     def log(r: Result) -> None:

@@ -71,6 +71,8 @@ def _worker(all_configs: bool) -> None:
         block_lowrank_fwd_triton(x, Wt, b, A, B, Ah, Bh, k, 0.5)
         block_lowrank_bwd_triton(dy, x, Wt, A, B, Ah, Bh, k, 0.5)
         block_lowrank_bwd_triton(dy, x, Wt, A, B, Ah, Bh, k, 0.5, config={"fuse_db": False})
+        tag = f"gralora+hybrid out={out}, separate adapter input (dropout)"
+        block_lowrank_bwd_triton(dy, x, Wt, A, B, Ah, Bh, k, 0.5, xa=t(M, IN))
 
     tl_names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

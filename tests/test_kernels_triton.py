@@ -77,8 +77,9 @@ def _autograd(fn, tensors: dict[str, torch.Tensor], dy: torch.Tensor, args: tupl
 
 
 def run_lora(lead, d_in, d_out, r, *, use_d, bias, transposed, strided=False, dtype=torch.float32,
-             scaling=0.75, config=None):
+             scaling=0.75, config=None, with_xa=False):
     x = _x(lead, d_in, strided, dtype)
+    xa = _x(lead, d_in, strided, dtype) if with_xa else None  # e.g. dropout(x): its own tensor
     W = _weight(d_out, d_in, transposed, dtype)
     b = torch.randn(d_out, dtype=F64).to(dtype) if bias else None
     A = (torch.randn(r, d_in, dtype=F64) / d_in**0.5).to(dtype)
@@ -86,11 +87,16 @@ def run_lora(lead, d_in, d_out, r, *, use_d, bias, transposed, strided=False, dt
     D = (torch.rand(r, dtype=F64) + 0.5).to(dtype) if use_d else None
     dy = _x(lead, d_out, strided, dtype)
 
-    y = lowrank_fwd_triton(x, W, b, A, B, D, scaling, config=config)
-    dx, dA, dB, dD = lowrank_bwd_triton(dy, x, W, A, B, D, scaling, config=config)
-    y_ref, g = _autograd(ops.lowrank_linear_ref, dict(x=x, weight=W, bias=b, A=A, B=B, D=D), dy, (scaling,))
+    y = lowrank_fwd_triton(x, W, b, A, B, D, scaling, xa=xa, config=config)
+    dx, dA, dB, dD, dxa = lowrank_bwd_triton(dy, x, W, A, B, D, scaling, xa=xa, config=config)
+    y_ref, g = _autograd(lambda x, W, b, A, B, D, xa, s: ops.lowrank_linear_ref(x, W, b, A, B, D, s, xa),
+                         dict(x=x, weight=W, bias=b, A=A, B=B, D=D, xa=xa), dy, (scaling,))
     _check("y", y, y_ref, dtype)
     _check("dx", dx, g["x"], dtype)
+    if with_xa:
+        _check("dxa", dxa, g["xa"], dtype)
+    else:
+        assert dxa is None
     _check("dA", dA, g["A"], dtype)
     _check("dB", dB, g["B"], dtype)
     if use_d:
@@ -100,8 +106,9 @@ def run_lora(lead, d_in, d_out, r, *, use_d, bias, transposed, strided=False, dt
 
 
 def run_gralora(lead, d_in, d_out, r, k, h, *, bias, transposed, strided=False, dtype=torch.float32,
-                scaling=0.6, config=None):
+                scaling=0.6, config=None, with_xa=False):
     x = _x(lead, d_in, strided, dtype)
+    xa = _x(lead, d_in, strided, dtype) if with_xa else None
     W = _weight(d_out, d_in, transposed, dtype)
     b = torch.randn(d_out, dtype=F64).to(dtype) if bias else None
     A = (torch.randn(k, d_in // k, r, dtype=F64) / (d_in // k) ** 0.5).to(dtype)
@@ -110,12 +117,18 @@ def run_gralora(lead, d_in, d_out, r, k, h, *, bias, transposed, strided=False, 
     B_h = (torch.randn(d_out, h, dtype=F64) / h**0.5).to(dtype) if h else None
     dy = _x(lead, d_out, strided, dtype)
 
-    y = block_lowrank_fwd_triton(x, W, b, A, B, A_h, B_h, k, scaling, config=config)
-    dx, dA, dB, dA_h, dB_h = block_lowrank_bwd_triton(dy, x, W, A, B, A_h, B_h, k, scaling, config=config)
-    y_ref, g = _autograd(ops.block_lowrank_linear_ref, dict(x=x, weight=W, bias=b, A=A, B=B, A_h=A_h, B_h=B_h),
-                         dy, (k, scaling))
+    y = block_lowrank_fwd_triton(x, W, b, A, B, A_h, B_h, k, scaling, xa=xa, config=config)
+    dx, dA, dB, dA_h, dB_h, dxa = block_lowrank_bwd_triton(dy, x, W, A, B, A_h, B_h, k, scaling, xa=xa,
+                                                           config=config)
+    y_ref, g = _autograd(
+        lambda x, W, b, A, B, A_h, B_h, xa, k, s: ops.block_lowrank_linear_ref(x, W, b, A, B, A_h, B_h, k, s, xa),
+        dict(x=x, weight=W, bias=b, A=A, B=B, A_h=A_h, B_h=B_h, xa=xa), dy, (k, scaling))
     _check("y", y, y_ref, dtype)
     _check("dx", dx, g["x"], dtype)
+    if with_xa:
+        _check("dxa", dxa, g["xa"], dtype)
+    else:
+        assert dxa is None
     _check("dA", dA, g["A"], dtype)
     _check("dB", dB, g["B"], dtype)
     if h:
@@ -162,6 +175,54 @@ def test_lora_low_precision(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gralora_low_precision(dtype):
     run_gralora((37,), 64, 48, 8, 4, 4, bias=True, transposed=False, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_separate_adapter_input(dtype):
+    """xa (the adapter's dropout output) feeds Z and dA; dx = dY W only and dxa = dZ A."""
+    run_lora((2, 19), 40, 24, 8, use_d=True, bias=True, transposed=True, dtype=dtype, with_xa=True)
+    run_gralora((37,), 48, 40, 8, 2, 3, bias=False, transposed=False, dtype=dtype, with_xa=True)
+
+
+@pytest.mark.parametrize("base", [torch.bfloat16, torch.float16])
+def test_fp32_adapter_on_low_precision_base(base):
+    """The CUDA entry points with fp32 adapters on a 16-bit base (PEFT's default dtype policy):
+    the Triton path (operands cast to the base dtype) against the reference math, which
+    computes the delta in fp32, in float64; every grad in its parameter's dtype."""
+    tol = LOW_TOL[base]
+    x, W, b = _x((2, 9), 32, False, base), _weight(24, 32, False, base), torch.randn(24).to(base)
+    dy = _x((2, 9), 24, False, base)
+    xa = x.float() * (torch.rand(2, 9, 32) > 0.3) / 0.7  # a dropped-out fp32 input
+    cases = {
+        "lowrank": (dispatch_cuda.lowrank_linear_cuda, dispatch_cuda.lowrank_linear_backward_cuda,
+                    ops.lowrank_linear_ref, dict(A=torch.randn(4, 32) / 6, B=torch.randn(24, 4) / 2, D=torch.rand(4)),
+                    (0.5,)),
+        "block": (dispatch_cuda.block_lowrank_linear_cuda, dispatch_cuda.block_lowrank_linear_backward_cuda,
+                  ops.block_lowrank_linear_ref,
+                  dict(A=torch.randn(2, 16, 4) / 4, B=torch.randn(2, 4, 12) / 2, A_h=torch.randn(2, 32) / 6,
+                       B_h=torch.randn(24, 2) / 2), (2, 0.5)),
+    }
+    for name, (fwd, bwd, ref, ad, args) in cases.items():
+        for a in (None, xa):
+            assert dispatch_cuda.use_triton(*_adapter_cast(x, a, ad))
+            y = fwd(x, W, b, *ad.values(), *args, a)
+            grads = bwd(dy, x, W, *ad.values(), *args, a)
+            y_ref, g = _autograd(lambda x, W, b, *rest: ref(x, W, b, *rest[:len(ad)], *args, rest[len(ad)]),
+                                 dict(x=x, weight=W, bias=b, **ad, xa=a), dy, ())
+            _check(f"{name} y", y, y_ref, base)
+            names = ["x", *ad] if name == "lowrank" else ["x", "A", "B", "A_h", "B_h"]
+            for n, got in zip(names + ["xa"], grads[:1] + grads[1:len(ad) + 1] + grads[-1:]):
+                if n == "xa" and a is None:
+                    assert got.numel() == 0
+                    continue
+                want = g[n]
+                assert got.dtype == (base if n == "x" else torch.float32), (name, n, got.dtype)
+                torch.testing.assert_close(got.double(), want, atol=tol * max(want.abs().max().item(), 1e-3),
+                                           rtol=tol, msg=lambda m: f"{name} d{n}: {m}")
+
+
+def _adapter_cast(x, xa, ad):
+    return (x, *dispatch_cuda._adapter_in_base_dtype(x, xa, *ad.values()))
 
 
 def test_block_sizes_and_split_k():
@@ -261,7 +322,7 @@ def test_no_tokens():
     x, W = torch.randn(0, 8), torch.randn(12, 8)
     A, B = torch.randn(2, 4, 4), torch.randn(2, 4, 6)
     y = block_lowrank_fwd_triton(x, W, None, A, B, None, None, 2, 1.0)
-    dx, dA, dB, _, _ = block_lowrank_bwd_triton(torch.randn(0, 12), x, W, A, B, None, None, 2, 1.0)
+    dx, dA, dB, _, _, _ = block_lowrank_bwd_triton(torch.randn(0, 12), x, W, A, B, None, None, 2, 1.0)
     assert y.shape == (0, 12) and dx.shape == (0, 8)
     assert torch.equal(dA, torch.zeros_like(A)) and torch.equal(dB, torch.zeros_like(B))
 
@@ -319,6 +380,9 @@ def test_reference_fallbacks():
     dy = torch.randn(4, 6)
     for got, ref in zip(dispatch_cuda.block_lowrank_linear_backward_cuda(dy, x, W, Ag, Bg, Ah, Bh, 2, 0.1),
                         ops.block_lowrank_linear_bwd_ref(dy, x, W, Ag, Bg, Ah, Bh, 2, 0.1)):
+        if ref is None:  # dxa: no separate adapter input
+            assert got.numel() == 0
+            continue
         torch.testing.assert_close(got, ref)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -328,3 +392,32 @@ def test_reference_fallbacks():
                                    ops.lowrank_linear_ref(x, W, None, A, B, None, 2.0))
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+# ---------------------------------------------------------------------------- the GPU check script
+def test_kernel_check_script_tiny():
+    """benchmarks/kernel_check.py (what benchmarks/gpu_check.sh runs on CUDA) in its --tiny CPU
+    mode: a few of its cases pass, and a wrong kernel makes it fail (exit status 1)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_check.py"
+    spec = importlib.util.spec_from_file_location("kernel_check", path)
+    kc = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("kernel_check", kc)  # dataclasses resolve annotations through it
+    spec.loader.exec_module(kc)
+    tiny = kc.cases(tiny=True)
+    assert {c.op for c in tiny} == {"lowrank", "block"} and any(c.xa for c in tiny) and any(c.adapter_fp32 for c in tiny)
+    for c in [tiny[0], next(c for c in tiny if c.adapter_fp32 and c.xa)]:
+        ok, lines = kc.check(c, "bf16", "cpu", seed=0)
+        assert ok, lines
+    assert kc.main(["--tiny", "--device", "cpu", "--dtypes", "fp32", "--max-cases", "2"]) == 0
+
+    real = dispatch_cuda.lowrank_linear_cuda
+    try:  # a kernel off by a little must be caught
+        dispatch_cuda.lowrank_linear_cuda = lambda *a: real(*a) * (1 + 1e-3)
+        ok, lines = kc.check(tiny[0], "fp32", "cpu", seed=0)
+        assert not ok and any("FAIL" in ln for ln in lines)
+    finally:
+        dispatch_cuda.lowrank_linear_cuda = real

@@ -19,6 +19,9 @@ Backward (W frozen; Z recomputed (launch 1, 1b) because the op saves only its in
 dZ is written by launch 2 already regrouped by input block (dZ_(i) = dZ[:, i*r:(i+1)*r]).
 With FUSE_DB = False, dB3 and dB_h come from split-K GEMMs over dY instead of launch 2.
 Sums over tokens (dA, dB, dD, dZh) accumulate in fp32 buffers and are cast once.
+With a separate adapter input ``xa`` (the output of the adapter's dropout) Z and dA read xa
+instead of X, and launch 3 splits in two: dX = dY W (K = out) and dXa = [dZ, dZh] @ [A; A_h]
+(K = r + h); the dropout's own backward (outside the op) applies its mask to dXa.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import Tensor
 from .triton_dy import dy_side
 from .triton_gemm import Seg, gemm
 
-__all__ = ["block_fwd", "block_bwd", "check_inputs", "FUSE_DB"]
+__all__ = ["block_fwd", "block_bwd", "check_inputs", "same_shape", "FUSE_DB"]
 
 # dB (and dB_h) inside the dY pass (True, fp32 atomics) or as a split-K GEMM that reads dY
 # again (False). See triton_dy's docstring; flip after timing both on the target GPU.
@@ -63,6 +66,13 @@ def check_inputs(op: str, x: Tensor, weight: Tensor, tensors: dict[str, Optional
                             f"{x.dtype} on {x.device}; cast the adapter to the input dtype/device")
 
 
+def same_shape(name: str, t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """``t`` if it is None or has ``like``'s shape (the adapter input xa must match x)."""
+    if t is not None and t.shape != like.shape:
+        raise ValueError(f"peftcompile triton: {name} is {tuple(t.shape)}, expected x's shape {tuple(like.shape)}")
+    return t
+
+
 def _cfg(config: Optional[dict], kind: str) -> Optional[dict]:
     return (config or {}).get(kind)
 
@@ -89,15 +99,16 @@ def _z(x: Tensor, A3: Tensor, A_h: Optional[Tensor], *, alpha: float, D: Optiona
 
 def block_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A3: Tensor, B3: Tensor, *,
               scaling: float, D: Optional[Tensor] = None, A_h: Optional[Tensor] = None,
-              B_h: Optional[Tensor] = None, config: Optional[dict] = None) -> Tensor:
-    """y [M, out] = x W^T + b + s * (block adapter + hybrid pair); x is 2-D [M, in]."""
+              B_h: Optional[Tensor] = None, xa: Optional[Tensor] = None,
+              config: Optional[dict] = None) -> Tensor:
+    """y [M, out] = x W^T + b + s * (block adapter + hybrid pair) of xa (default x); 2-D [M, in]."""
     M, IN = x.shape
     OUT = weight.shape[0]
     k, in_b, r = A3.shape
     out_b = B3.shape[2]
     h = A_h.shape[0] if A_h is not None else 0
     dt = x.dtype
-    zbuf = _z(x, A3, A_h, alpha=scaling, D=D, config=config)  # s * Z * D, s * Zh
+    zbuf = _z(x if xa is None else xa, A3, A_h, alpha=scaling, D=D, config=config)  # s * Z * D, s * Zh
     zh = zbuf[:, k * r:]
     # Y_j = [X, Z_j, Zh] @ [W_j^T; B3[j]; B_h[j]^T] + b_j  (one GEMM, K = in + r + h)
     y = torch.empty(M, OUT, dtype=dt, device=x.device)
@@ -115,8 +126,10 @@ def block_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A3: Tensor, B3:
 def block_bwd(dy: Tensor, x: Tensor, weight: Tensor, A3: Tensor, B3: Tensor, dA3: Tensor, dB3: Tensor, *,
               scaling: float, D: Optional[Tensor] = None, dD: Optional[Tensor] = None,
               A_h: Optional[Tensor] = None, B_h: Optional[Tensor] = None, dA_h: Optional[Tensor] = None,
-              dB_h: Optional[Tensor] = None, config: Optional[dict] = None) -> Tensor:
-    """dx [M, in]; accumulates dA3, dB3 (, dD, dA_h, dB_h) into the given zeroed fp32 buffers.
+              dB_h: Optional[Tensor] = None, xa: Optional[Tensor] = None,
+              config: Optional[dict] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """(dx, dxa) [M, in]; accumulates dA3, dB3 (, dD, dA_h, dB_h) into the given zeroed fp32
+    buffers. dxa is None when the adapter reads x itself (its grad is then part of dx).
 
     ``config`` may hold per-kind interpreter block sizes and ``"fuse_db"`` (default FUSE_DB).
     """
@@ -129,7 +142,8 @@ def block_bwd(dy: Tensor, x: Tensor, weight: Tensor, A3: Tensor, B3: Tensor, dA3
     dt = x.dtype
     dev = x.device
     # 1. raw Z (no s, no D) and Zh: the op saves only its inputs, so recompute (M x (k r + h))
-    zbuf = _z(x, A3, A_h, alpha=1.0, D=None, config=config)
+    a = x if xa is None else xa
+    zbuf = _z(a, A3, A_h, alpha=1.0, D=None, config=config)
     zh = zbuf[:, k * r:]
     # 2. dY side: dZ (regrouped by input block), dB, dD, dZh, dB_h from one read of dY
     dz = torch.empty(M, k * r, dtype=dt, device=dev)
@@ -148,23 +162,32 @@ def block_bwd(dy: Tensor, x: Tensor, weight: Tensor, A3: Tensor, B3: Tensor, dA3
             gemm(dB_h, (dB_h.stride(0), dB_h.stride(1)), 0, OUT, h, 1,
                  [Seg(dy, (dy.stride(1), dy.stride(0)), 0, zh, (zh.stride(0), 1), 0, M)],
                  dot_dtype=dt, kind="splitk", alpha=scaling, config=_cfg(config, "splitk"))
-    # 3. dX_i = [dY, dZ_(i), dZh] @ [W[:, i]; A3[i]^T; A_h[:, i]]  (one GEMM, K = out + r + h)
-    dx = torch.empty(M, IN, dtype=dt, device=dev)
-    segs = [Seg(dy, (dy.stride(0), dy.stride(1)), 0, weight, (weight.stride(0), weight.stride(1)),
-                in_b * weight.stride(1), OUT),
-            Seg(dz, (dz.stride(0), 1), r, A3, (A3.stride(2), A3.stride(1)), A3.stride(0), r)]
+    # 3. dX_i = [dY, dZ_(i), dZh] @ [W[:, i]; A3[i]^T; A_h[:, i]]  (one GEMM, K = out + r + h);
+    #    with a separate xa: dX = dY W and dXa_i = [dZ_(i), dZh] @ [A3[i]^T; A_h[:, i]]
+    base = Seg(dy, (dy.stride(0), dy.stride(1)), 0, weight, (weight.stride(0), weight.stride(1)),
+               in_b * weight.stride(1), OUT)
+    adapter = [Seg(dz, (dz.stride(0), 1), r, A3, (A3.stride(2), A3.stride(1)), A3.stride(0), r)]
     if h:
-        segs.append(Seg(dzh, (dzh.stride(0), 1), 0, A_h, (A_h.stride(0), A_h.stride(1)),
-                        in_b * A_h.stride(1), h))
-    gemm(dx, (dx.stride(0), 1), in_b, M, in_b, k, segs, dot_dtype=dt, kind="main",
-         config=_cfg(config, "main"))
+        adapter.append(Seg(dzh, (dzh.stride(0), 1), 0, A_h, (A_h.stride(0), A_h.stride(1)),
+                           in_b * A_h.stride(1), h))
+    dx = torch.empty(M, IN, dtype=dt, device=dev)
+    dxa = None
+    if xa is None:
+        gemm(dx, (dx.stride(0), 1), in_b, M, in_b, k, [base, *adapter], dot_dtype=dt, kind="main",
+             config=_cfg(config, "main"))
+    else:
+        gemm(dx, (dx.stride(0), 1), in_b, M, in_b, k, [base], dot_dtype=dt, kind="main",
+             config=_cfg(config, "main"))
+        dxa = torch.empty(M, IN, dtype=xa.dtype, device=dev)
+        gemm(dxa, (dxa.stride(0), 1), in_b, M, in_b, k, adapter, dot_dtype=dt, kind="main",
+             config=_cfg(config, "main"))
     # 4. dA3[i] = X_i^T dZ_(i)  (K = tokens: split-K into fp32)
     gemm(dA3, (dA3.stride(1), dA3.stride(2)), dA3.stride(0), in_b, r, k,
-         [Seg(x, (x.stride(1), x.stride(0)), in_b * x.stride(1), dz, (dz.stride(0), 1), r, M)],
+         [Seg(a, (a.stride(1), a.stride(0)), in_b * a.stride(1), dz, (dz.stride(0), 1), r, M)],
          dot_dtype=dt, kind="splitk", config=_cfg(config, "splitk"))
     if h:
         # dA_h = dZh^T X
         gemm(dA_h, (dA_h.stride(0), dA_h.stride(1)), 0, h, IN, 1,
-             [Seg(dzh, (1, dzh.stride(0)), 0, x, (x.stride(0), x.stride(1)), 0, M)],
+             [Seg(dzh, (1, dzh.stride(0)), 0, a, (a.stride(0), a.stride(1)), 0, M)],
              dot_dtype=dt, kind="splitk", config=_cfg(config, "splitk"))
-    return dx
+    return dx, dxa

@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .triton_block import block_bwd, block_fwd, check_inputs
+from .triton_block import block_bwd, block_fwd, check_inputs, same_shape as _same_shape
 
 __all__ = ["block_lowrank_fwd_triton", "block_lowrank_bwd_triton"]
 
@@ -75,34 +75,40 @@ def _hybrid(A_h: Optional[Tensor], B_h: Optional[Tensor]) -> tuple[Optional[Tens
 
 def block_lowrank_fwd_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                               A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float, *,
-                              config: Optional[dict] = None) -> Tensor:
-    """y = x W^T + b + s * (GraLoRA(x; A, B, k) + (x A_h^T) B_h^T) for x [..., in]."""
-    _check("block_lowrank_linear", x, weight, A, B, A_h, B_h, k, bias=bias)
+                              xa: Optional[Tensor] = None, config: Optional[dict] = None) -> Tensor:
+    """y = x W^T + b + s * (GraLoRA(xa; A, B, k) + (xa A_h^T) B_h^T) for x [..., in] (xa default x)."""
+    _check("block_lowrank_linear", x, weight, A, B, A_h, B_h, k, bias=bias, xa=_same_shape("xa", xa, x))
     A_h, B_h = _hybrid(A_h, B_h)
     x2 = x.reshape(-1, x.shape[-1])
-    y = block_fwd(x2, weight, bias, A, B, scaling=scaling, A_h=A_h, B_h=B_h, config=config)
+    xa2 = xa.reshape(x2.shape) if xa is not None else None
+    y = block_fwd(x2, weight, bias, A, B, scaling=scaling, A_h=A_h, B_h=B_h, xa=xa2, config=config)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def block_lowrank_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
                               A_h: Optional[Tensor], B_h: Optional[Tensor], k: int, scaling: float, *,
+                              xa: Optional[Tensor] = None, grad_dtype: Optional[torch.dtype] = None,
                               config: Optional[dict] = None
-                              ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(dx, dA, dB, dA_h, dB_h) of block_lowrank_linear with W frozen; hybrid grads None without a pair."""
-    _check("block_lowrank_linear_backward", x, weight, A, B, A_h, B_h, k, dy=dy)
+                              ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dx, dA, dB, dA_h, dB_h, dxa) of block_lowrank_linear with W frozen; hybrid grads None
+    without a pair, dxa None without xa. ``grad_dtype``: dtype of the adapter grads (default A's)."""
+    _check("block_lowrank_linear_backward", x, weight, A, B, A_h, B_h, k, dy=dy, xa=_same_shape("xa", xa, x))
+    gd = grad_dtype or A.dtype
     given_h = A_h is not None
     A_h, B_h = _hybrid(A_h, B_h)
     x2 = x.reshape(-1, x.shape[-1])
+    xa2 = xa.reshape(x2.shape) if xa is not None else None
     dy2 = dy.reshape(-1, dy.shape[-1])
     f32 = dict(dtype=torch.float32, device=x.device)
     dA, dB = torch.zeros(A.shape, **f32), torch.zeros(B.shape, **f32)
     dA_h = torch.zeros(A_h.shape, **f32) if A_h is not None else None
     dB_h = torch.zeros(B_h.shape, **f32) if B_h is not None else None
-    dx = block_bwd(dy2, x2, weight, A, B, dA, dB, scaling=scaling, A_h=A_h, B_h=B_h,
-                   dA_h=dA_h, dB_h=dB_h, config=config)
+    dx, dxa = block_bwd(dy2, x2, weight, A, B, dA, dB, scaling=scaling, A_h=A_h, B_h=B_h,
+                        dA_h=dA_h, dB_h=dB_h, xa=xa2, config=config)
     if A_h is not None:
-        dA_h, dB_h = dA_h.to(A_h.dtype), dB_h.to(B_h.dtype)
+        dA_h, dB_h = dA_h.to(gd), dB_h.to(gd)
     elif given_h:  # rank-0 pair: zero-size grads of the right shapes
-        dA_h = torch.zeros(0, x.shape[-1], dtype=x.dtype, device=x.device)
-        dB_h = torch.zeros(weight.shape[0], 0, dtype=x.dtype, device=x.device)
-    return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dA_h, dB_h
+        dA_h = torch.zeros(0, x.shape[-1], dtype=gd, device=x.device)
+        dB_h = torch.zeros(weight.shape[0], 0, dtype=gd, device=x.device)
+    return (dx.reshape(x.shape), dA.to(gd), dB.to(gd), dA_h, dB_h,
+            dxa.reshape(xa.shape) if xa is not None else None)

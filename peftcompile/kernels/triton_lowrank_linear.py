@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .triton_block import block_bwd, block_fwd, check_inputs
+from .triton_block import block_bwd, block_fwd, check_inputs, same_shape as _same_shape
 
 __all__ = ["lowrank_fwd_triton", "lowrank_bwd_triton"]
 
@@ -54,26 +54,35 @@ def _check(op: str, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, D: Optional
 
 
 def lowrank_fwd_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
-                           D: Optional[Tensor], scaling: float, *, config: Optional[dict] = None) -> Tensor:
-    """y = x W^T + b + s * ((x A^T) * D) B^T for x [..., in]; CUDA, or CPU under TRITON_INTERPRET=1."""
-    _check("lowrank_linear", x, weight, A, B, D, bias=bias)
+                       D: Optional[Tensor], scaling: float, *, xa: Optional[Tensor] = None,
+                       config: Optional[dict] = None) -> Tensor:
+    """y = x W^T + b + s * ((xa A^T) * D) B^T for x [..., in] (xa: the adapter's input, default x);
+    CUDA, or CPU under TRITON_INTERPRET=1."""
+    _check("lowrank_linear", x, weight, A, B, D, bias=bias, xa=_same_shape("xa", xa, x))
     x2 = x.reshape(-1, x.shape[-1])
-    y = block_fwd(x2, weight, bias, A.t().unsqueeze(0), B.t().unsqueeze(0), scaling=scaling, D=D, config=config)
+    xa2 = xa.reshape(x2.shape) if xa is not None else None
+    y = block_fwd(x2, weight, bias, A.t().unsqueeze(0), B.t().unsqueeze(0), scaling=scaling, D=D, xa=xa2,
+                  config=config)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def lowrank_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, D: Optional[Tensor],
-                           scaling: float, *, config: Optional[dict] = None
-                           ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """(dx, dA, dB, dD) of lowrank_linear with W frozen; dD is None when D is None."""
-    _check("lowrank_linear_backward", x, weight, A, B, D, dy=dy)
+                       scaling: float, *, xa: Optional[Tensor] = None, grad_dtype: Optional[torch.dtype] = None,
+                       config: Optional[dict] = None
+                       ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(dx, dA, dB, dD, dxa) of lowrank_linear with W frozen; dD is None when D is None, dxa
+    when xa is None. ``grad_dtype``: dtype of dA, dB, dD (default A's; their sums are fp32)."""
+    _check("lowrank_linear_backward", x, weight, A, B, D, dy=dy, xa=_same_shape("xa", xa, x))
+    gd = grad_dtype or A.dtype
     x2 = x.reshape(-1, x.shape[-1])
+    xa2 = xa.reshape(x2.shape) if xa is not None else None
     dy2 = dy.reshape(-1, dy.shape[-1])
     f32 = dict(dtype=torch.float32, device=x.device)
     dA = torch.zeros(A.shape, **f32)  # fp32 sums (atomics), cast once at the end
     dB = torch.zeros(B.shape, **f32)
     dD = torch.zeros(D.shape, **f32) if D is not None else None
-    dx = block_bwd(dy2, x2, weight, A.t().unsqueeze(0), B.t().unsqueeze(0),
-                   dA.t().unsqueeze(0), dB.t().unsqueeze(0), scaling=scaling, D=D, dD=dD, config=config)
-    return (dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype),
-            dD.to(D.dtype) if D is not None else None)
+    dx, dxa = block_bwd(dy2, x2, weight, A.t().unsqueeze(0), B.t().unsqueeze(0),
+                        dA.t().unsqueeze(0), dB.t().unsqueeze(0), scaling=scaling, D=D, dD=dD, xa=xa2,
+                        config=config)
+    return (dx.reshape(x.shape), dA.to(gd), dB.to(gd), dD.to(gd) if D is not None else None,
+            dxa.reshape(xa.shape) if xa is not None else None)

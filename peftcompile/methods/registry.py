@@ -127,13 +127,19 @@ class Lowering:
     """How the compile backend turns one method's ``base + delta`` into a fused op.
 
     check(cfg, shapes, in_f, out_f) -> why the parameter shapes do not fit, or None
-    replace(emit, x, w, b, p, cfg) -> the node computing ``base + delta``; ``emit(target,
-        *args)`` inserts a call_function node; w is W as [out, in]; p maps param -> node.
+    replace(emit, x, w, b, p, cfg, xa) -> the node computing ``base + delta``; ``emit(target,
+        *args)`` inserts a call_function node; w is W as [out, in]; p maps param -> node;
+        xa is the adapter's input node when it is not x itself (the output of an active
+        dropout), else None. The ops take it as their ``xa`` argument.
+    stack(emit, x, w, b, [(p, cfg), ...]) -> one node computing ``base + sum of the deltas``
+        of several active adapters of this method on one site (factors concatenated along
+        the rank, scalings folded in), or a string saying why not. Optional.
     The parameters the region must read are :meth:`Method.param_names`.
     """
 
     check: Callable[[MethodConfig, Mapping[str, torch.Size], int, int], "str | None"]
     replace: Callable[..., object]
+    stack: Callable[..., object] | None = None
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class BaseMatch:
 
 
 _LINEAR = {torch._C._nn.linear, F.linear}
+_ADDS = {operator.add, torch.add}
 _RESHAPE_METHODS = {"view", "reshape"}
 
 
@@ -99,13 +100,55 @@ def _match_conv1d(y: Node, x: Node) -> BaseMatch | None:
     return BaseMatch(w, b, True, [x2, mm, y])
 
 
+_MATMULS = {operator.matmul, torch.matmul}
+
+
+def _transposed_weight(t: Any) -> Node | None:
+    """W for a node computing ``W.T`` / ``W.t()`` / ``torch.t(W)`` / ``W.transpose(0, 1)``."""
+    if not isinstance(t, Node):
+        return None
+    if t.op == "call_function" and t.target is getattr and len(t.args) == 2 and t.args[1] in ("T", "mT"):
+        w = t.args[0]
+    elif (t.op == "call_method" and t.target == "t" and len(t.args) == 1) or \
+            (t.op == "call_function" and t.target is torch.t and len(t.args) == 1):
+        w = t.args[0]
+    elif t.op == "call_method" and t.target == "transpose" and tuple(t.args[1:]) in ((0, 1), (1, 0), (-1, -2),
+                                                                                     (-2, -1)):
+        w = t.args[0]
+    else:
+        return None
+    return w if isinstance(w, Node) else None
+
+
+def _match_matmul(y: Node, x: Node) -> BaseMatch | None:
+    """Matches ``y = x @ W.T`` (or ``torch.matmul(x, W.t())``), optionally ``+ b``: linears written
+    as a matmul (Falcon's FalconLinear, hand-written modules)."""
+    bias, nodes = None, []
+    if y.op == "call_function" and y.target in _ADDS and len(y.args) == 2 and not y.kwargs:
+        mm, bias = y.args
+        if not isinstance(mm, Node) or len(mm.users) != 1:
+            return None
+        nodes.append(y)
+        y = mm
+    if not (y.op == "call_function" and y.target in _MATMULS and len(y.args) == 2 and not y.kwargs):
+        return None
+    xin, t = y.args
+    w = _transposed_weight(t)
+    if xin is not x or w is None:
+        return None
+    if bias is not None:
+        bv = _val(bias)
+        if not isinstance(bias, Node) or not isinstance(bv, torch.Tensor) or bv.dim() != 1:
+            return None
+    return BaseMatch(w, bias, False, [t, y, *nodes])
+
+
 #: Tried in order; the first that accepts (y, x) wins.
-BASE_PATTERNS: list[Callable[[Node, Node], "BaseMatch | None"]] = [_match_linear, _match_conv1d]
+BASE_PATTERNS: list[Callable[[Node, Node], "BaseMatch | None"]] = [_match_linear, _match_conv1d, _match_matmul]
 
 
 # ---------------------------------------------------------------- regions
 _PARAM_SOURCE = re.compile(r"_parameters\[['\"](\w+)['\"]\]$")
-_ADDS = {operator.add, torch.add}
 _DROPOUTS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 
 
@@ -171,6 +214,39 @@ def _param_name(n: Node) -> str | None:
     return None
 
 
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type"}
+
+
+def _is_cast(n: Node) -> bool:
+    return (n.op == "call_method" and n.target in _CAST_METHODS) or \
+        (n.op == "call_function" and n.target is torch.Tensor.to)
+
+
+def _dropout_active(n: Node) -> bool | None:
+    """None if ``n`` is no dropout; else whether it drops anything."""
+    if n.op != "call_function" or n.target not in _DROPOUTS:
+        return None
+    p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+    training = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", True)
+    return bool(training) and p != 0  # a symbolic p counts as active
+
+
+def _adapter_input(x: Node, inside: set[Node]) -> tuple[Node, bool]:
+    """Follow x through the adapter's own casts and dropout (``dropout(x.to(dtype))``): the
+    node the adapter's math reads, and whether a dropout on the way is active."""
+    cur, active = x, False
+    while True:
+        users = [u for u in cur.users if u in inside]
+        if len(users) != 1 or not users[0].args or users[0].args[0] is not cur:
+            return cur, active
+        u = users[0]
+        on = _dropout_active(u)
+        if on is None and not _is_cast(u):
+            return cur, active
+        active = active or bool(on)
+        cur = u
+
+
 @dataclass
 class Plan:
     """A checked region, ready to replace."""
@@ -179,12 +255,15 @@ class Plan:
     cfg: MethodConfig
     lowering: Lowering
     x: Node
-    base: BaseMatch
+    y: Node
     params: dict[str, Node]
+    xa: Node | None  # the adapter's input when it is not x itself (an active dropout's output)
+    compute_dtype: torch.dtype  # what the delta is computed in (autocast: its dtype, not the params')
+    base: BaseMatch | None = None  # None: y is not a base linear (e.g. an earlier adapter's add)
 
 
 def _plan(region: Region) -> Plan:
-    """Identify x, y, the parameters and the base of a region; raise Skip if anything is off."""
+    """Identify x, y, the parameters and the adapter input of a region; raise Skip if anything is off."""
     tag = region.tag
     method = get_method(tag["method"])
     lowering = method.lowering
@@ -199,11 +278,6 @@ def _plan(region: Region) -> Plan:
     xs, ys, params = set(), set(), {}
     for n in region.nodes:
         _, role = _tag(n)
-        if n.op == "call_function" and n.target in _DROPOUTS:
-            p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
-            training = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", True)
-            if training and p > 0:
-                raise Skip(f"adapter dropout p={p} is active (training); the fused op has no dropout")
         for i in _inputs(n):
             if i in inside or not isinstance(_val(i), torch.Tensor):
                 continue  # region-internal, or a SymInt size under dynamic shapes
@@ -223,15 +297,24 @@ def _plan(region: Region) -> Plan:
     (x,), (y,) = xs, ys
     if len(y.users) != 1:
         raise Skip(f"the base output {y.name} is used outside the adapter add")
-    base = next((m for m in (p(y, x) for p in BASE_PATTERNS) if m is not None), None)
-    if base is None:
-        raise Skip(f"the base output {y.name} ({y.op} {y.target}) is not a linear of the adapter's input {x.name}")
-    _check_meta(x, y, base, params, lowering, cfg)
-    return Plan(region, cfg, lowering, x, base, params)
+    end, dropped = _adapter_input(x, inside)
+    xa = end if dropped else None
+    if xa is not None and not same_shape(_val(xa).shape, _val(x).shape):
+        raise Skip(f"the adapter input {xa.name} does not have x's shape")
+    # the delta's dtype: what ``delta.to(y.dtype)`` in the add casts from
+    d = next(a for a in region.add.args if isinstance(a, Node) and a is not y)
+    if _is_cast(d) and d in inside:
+        d = d.args[0]
+    dv = _val(d)
+    if not isinstance(dv, torch.Tensor):
+        raise Skip("missing example value on the delta")
+    plan = Plan(region, cfg, lowering, x, y, params, xa, dv.dtype)
+    plan.base = next((m for m in (p(y, x) for p in BASE_PATTERNS) if m is not None), None)
+    return plan
 
 
-def _check_meta(x: Node, y: Node, base: BaseMatch, params: dict[str, Node], lowering: Lowering,
-                cfg: MethodConfig) -> None:
+def _check_meta(plan: Plan) -> None:
+    x, y, base, params = plan.x, plan.y, plan.base, plan.params
     xv, yv, wv = _val(x), _val(y), _val(base.weight)
     if not all(isinstance(t, torch.Tensor) for t in (xv, yv, wv)):
         raise Skip("missing example values on x, y or W")
@@ -248,13 +331,17 @@ def _check_meta(x: Node, y: Node, base: BaseMatch, params: dict[str, Node], lowe
         if not isinstance(bv, torch.Tensor) or not same_shape(bv.shape, (out_f,)):
             raise Skip(f"bias of shape {getattr(bv, 'shape', None)} does not fit out_features={out_f}")
         tensors["bias"] = bv
+    floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     dtypes = {k: t.dtype for k, t in tensors.items()}
-    if len(set(dtypes.values())) != 1:
-        raise Skip(f"mixed dtypes {dtypes}; the fused op computes in one dtype")
+    if any(dt not in floats for dt in dtypes.values()) or plan.compute_dtype not in floats:
+        raise Skip(f"non-float dtypes {dtypes}")
+    adapter = {dtypes[k] for k in params}
+    if len(adapter) != 1:
+        raise Skip(f"the adapter's parameters have several dtypes {dtypes}")
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise Skip(f"tensors on several devices {sorted(map(str, devices))}")
-    why = lowering.check(cfg, {k: _val(v).shape for k, v in params.items()}, in_f, out_f)
+    why = plan.lowering.check(plan.cfg, {k: _val(v).shape for k, v in params.items()}, in_f, out_f)
     if why:
         raise Skip(why)
 
@@ -278,51 +365,172 @@ def _emitter(graph: fx.Graph, like: Node, fake_mode, emitted: list[Node]) -> Cal
     return emit
 
 
-def _apply_(graph: fx.Graph, plan: Plan, order: dict[Node, int]) -> None:
-    add = plan.region.add
+def _cast(emit: Callable[..., Node], n: Node | None, dtype: torch.dtype) -> Node | None:
+    if n is None or _val(n).dtype == dtype:
+        return n
+    return emit(torch.Tensor.to, n, dtype)
+
+
+def _apply_(graph: fx.Graph, plans: list[Plan], order: dict[Node, int], replaced: dict[Node, Node]) -> None:
+    """Replace the chain of regions ``plans`` (one site: the first on the base linear, each next
+    one on the previous add) by one fused op. ``replaced`` maps the add nodes of regions
+    replaced earlier to their ops: a region planned before may read one as its x."""
+    head, last = plans[0], plans[-1]
+    while head.x in replaced:
+        head.x = replaced[head.x]
+    add = last.region.add
     # The example values' own mode: the backend's tracing context may hold another one.
-    fake_mode = getattr(_val(plan.x), "fake_mode", None)
+    fake_mode = getattr(_val(head.x), "fake_mode", None)
     if fake_mode is None:
         raise Skip("no fake mode on the example values")
     emitted: list[Node] = []
     with graph.inserting_before(add):
         emit = _emitter(graph, add, fake_mode, emitted)
         try:
-            w = emit(torch.t, plan.base.weight) if plan.base.transposed else plan.base.weight
-            fused = plan.lowering.replace(emit, plan.x, w, plan.base.bias, plan.params, plan.cfg)
+            # Under autocast the base linear computes in y's dtype from x and W of another one:
+            # the casts autocast would make, made explicit.
+            bd = _val(head.y).dtype
+            x = _cast(emit, head.x, bd)
+            w = _cast(emit, head.base.weight, bd)
+            b = _cast(emit, head.base.bias, bd)
+            if head.base.transposed:
+                w = emit(torch.t, w)
+            # The adapter's tensors in the dtype its math runs in (autocast: the autocast dtype).
+            cd = head.compute_dtype
+            xa = _cast(emit, head.xa, cd)
+            ps = [{k: _cast(emit, v, cd) for k, v in pl.params.items()} for pl in plans]
+            if len(plans) == 1:
+                fused = head.lowering.replace(emit, x, w, b, ps[0], head.cfg, xa)
+            else:
+                fused = head.lowering.stack(emit, x, w, b, list(zip(ps, [pl.cfg for pl in plans])))
+                if isinstance(fused, str):
+                    raise Skip(fused)
         except Exception as e:  # a lowering that cannot build its op leaves the graph as it was
             for n in reversed(emitted):
                 graph.erase_node(n)
+            if isinstance(e, Skip):
+                raise
             raise Skip(f"building the fused op failed: {type(e).__name__}: {e}") from e
     add.replace_all_uses_with(fused)
-    for n in sorted(plan.region.nodes + plan.base.nodes, key=order.__getitem__, reverse=True):
+    replaced[add] = fused
+    nodes = [n for pl in plans for n in pl.region.nodes] + head.base.nodes
+    for n in sorted(set(nodes), key=order.__getitem__, reverse=True):
         if not n.users:
             graph.erase_node(n)
 
 
+def _chains(graph: fx.Graph, regions: list[Region]) -> list[tuple[list[Region], dict]]:
+    """Group regions into per-site chains (several active adapters add up one after the other:
+    ``((y + d_a) + d_b)``); each chain with its plans or the reason a region cannot be planned."""
+    plans: dict[int, Plan | Skip] = {}
+    for i, r in enumerate(regions):
+        try:
+            try:
+                plans[i] = _plan(r)
+            except Skip:
+                raise
+            except Exception as e:  # a malformed tag must not fail the whole compile
+                raise Skip(f"unexpected {type(e).__name__} while matching: {e}") from e
+        except Skip as why:
+            plans[i] = why
+    by_add = {r.add: i for i, r in enumerate(regions)}
+    nxt: dict[int, int] = {}
+    for i, p in plans.items():
+        if isinstance(p, Plan) and p.base is None and p.y in by_add:
+            j = by_add[p.y]
+            q = plans[j]
+            if isinstance(q, Plan) and q.x is p.x and regions[j].tag.get("site") == regions[i].tag.get("site"):
+                nxt[j] = i
+    followers = set(nxt.values())
+    out = []
+    for i in range(len(regions)):
+        if i in followers:
+            continue
+        chain = [i]
+        while chain[-1] in nxt:
+            chain.append(nxt[chain[-1]])
+        out.append(([regions[j] for j in chain], {regions[j].add: plans[j] for j in chain}))
+    return out
+
+
+def _stack_blocker(plans: list[Plan]) -> str | None:
+    """Why the adapters of one site cannot share one op (None: they can)."""
+    methods = {pl.region.tag.get("method") for pl in plans}
+    if len(methods) > 1:
+        return f"several active adapters of different methods {sorted(methods)} on one site"
+    if plans[0].lowering.stack is None:
+        return f"method {plans[0].region.tag.get('method')!r} cannot stack several adapters in one op"
+    if any(pl.xa is not None for pl in plans):
+        return "several active adapters with active dropout on one site: each draws its own mask"
+    if len({pl.compute_dtype for pl in plans}) > 1 or len({_val(n).dtype for pl in plans for n in pl.params.values()}) > 1:
+        return "several active adapters in different dtypes on one site"
+    return None
+
+
+def _count(ok: bool, plan_or_region, why: str = "") -> None:
+    tag = plan_or_region.region.tag if isinstance(plan_or_region, Plan) else plan_or_region.tag
+    method = tag.get("method")
+    if ok:
+        counters[COUNTER][f"fused_{method}"] += 1
+    else:
+        counters[COUNTER][f"skipped_{method}"] += 1
+        log.debug("peftcompile: %s (adapter %r, %s) left as reference math: %s",
+                  tag.get("site"), tag.get("adapter"), method, why)
+
+
 def lower_adapters_(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace every fusable adapter region of ``gm`` by a fused op (in place); returns gm."""
+    """Replace every fusable adapter region of ``gm`` by a fused op (in place); returns gm.
+
+    Several active adapters of one method on one site become one op (their factors
+    concatenated along the rank, see :attr:`Lowering.stack`; counted ``stacked_sites``);
+    where they cannot, the first is fused and the others stay reference math.
+    """
     graph = gm.graph
     regions = _regions(graph)
     if not regions:
         return gm
     order = {n: i for i, n in enumerate(graph.nodes)}
-    for region in regions:
-        method, site = region.tag.get("method"), region.tag.get("site")
+    replaced: dict[Node, Node] = {}
+    for chain, plans in _chains(graph, regions):
+        head = plans[chain[0].add]
         try:
-            try:
-                plan = _plan(region)
-            except Skip:
-                raise
-            except Exception as e:  # a malformed tag must not fail the whole compile
-                raise Skip(f"unexpected {type(e).__name__} while matching: {e}") from e
-            _apply_(graph, plan, order)
+            if isinstance(head, Skip):
+                raise head
+            if head.base is None:
+                y = head.y
+                raise Skip(f"the base output {y.name} ({y.op} {y.target}) is not a linear of the adapter's input "
+                           f"{head.x.name}")
+            _check_meta(head)
+            rest = [plans[r.add] for r in chain[1:]]
+            blocker = None
+            if rest:
+                blocker = next((f"adapter {r.tag.get('adapter')!r}: {p}" for r, p in zip(chain[1:], rest)
+                                if isinstance(p, Skip)), None) or _stack_blocker([head, *rest])
+            if rest and blocker is None:
+                try:
+                    for p in rest:
+                        p.base = head.base
+                        _check_meta(p)
+                    _apply_(graph, [head, *rest], order, replaced)
+                except Skip as why:
+                    blocker = str(why)
+                else:
+                    for p in [head, *rest]:
+                        _count(True, p)
+                    counters[COUNTER]["stacked_sites"] += 1
+                    continue
+                finally:
+                    for p in rest:
+                        if isinstance(p, Plan):
+                            p.base = None
+            _apply_(graph, [head], order, replaced)
         except Skip as why:
-            counters[COUNTER][f"skipped_{method}"] += 1
-            log.debug("peftcompile: %s (adapter %r, %s) left as reference math: %s",
-                      site, region.tag.get("adapter"), method, why)
+            for r in chain:
+                _count(False, r, str(why))
             continue
-        counters[COUNTER][f"fused_{method}"] += 1
+        _count(True, head)
+        for r in chain[1:]:
+            _count(False, r, f"stays on top of the fused op of adapter {chain[0].tag.get('adapter')!r}: {blocker}")
     # Only the replaced nodes are erased (in _apply_); no eliminate_dead_code() here, since
     # dynamo graphs carry nodes fx cannot tell are needed, and aot_autograd re-traces anyway.
     graph.lint()

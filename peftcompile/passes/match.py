@@ -3,15 +3,19 @@
 A site is a node computing ``x @ W.T + b`` with a parameter W of the model:
 * ``call_module`` to an ``nn.Linear`` or HF ``Conv1D`` inside a whole-module graph;
 * ``call_function`` to ``F.linear`` whose weight is a ``get_attr`` parameter;
+* ``x @ W.T`` / ``torch.matmul(x, W.t())`` on a 2-D ``get_attr`` parameter W (a linear written
+  as a matmul, e.g. Falcon-style modules): a ``functional`` site like ``F.linear``'s;
 * a unit that is itself a linear module traced on its own (its output is the site).
 Matchers are tried in order; the first that accepts a node wins.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -70,10 +74,28 @@ def _match_call_module(unit: Unit, node: fx.Node) -> Site | None:
 _LINEAR_FNS = {F.linear, getattr(F.linear, "__wrapped__", F.linear)}
 
 
-def _match_functional(unit: Unit, node: fx.Node) -> Site | None:
-    if node.op != "call_function" or node.target not in _LINEAR_FNS:
+def _transposed_param(t) -> fx.Node | None:
+    """The get_attr W of a node computing ``W.T`` / ``W.t()`` / ``torch.t(W)``."""
+    if not isinstance(t, fx.Node):
         return None
-    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if t.op == "call_function" and t.target is getattr and len(t.args) == 2 and t.args[1] == "T":
+        w = t.args[0]
+    elif (t.op == "call_method" and t.target == "t") or (t.op == "call_function" and t.target is torch.t):
+        w = t.args[0]
+    else:
+        return None
+    return w if isinstance(w, fx.Node) and w.op == "get_attr" else None
+
+
+def _match_functional(unit: Unit, node: fx.Node) -> Site | None:
+    if node.op != "call_function":
+        return None
+    if node.target in _LINEAR_FNS:
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    elif node.target in (operator.matmul, torch.matmul) and len(node.args) == 2 and not node.kwargs:
+        w = _transposed_param(node.args[1])  # x @ W.T is F.linear(x, W)
+    else:
+        return None
     if not isinstance(w, fx.Node) or w.op != "get_attr":
         return None
     owner_rel, _, attr = w.target.rpartition(".")

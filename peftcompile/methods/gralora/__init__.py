@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..registry import ANY, Lowering, Method, PeftFormat, register_method, shapes_check
@@ -11,10 +13,35 @@ from .math import (GraLoRA, gralora_as_lora, gralora_check_site, gralora_delta, 
 __all__ = ["GraLoRA", "gralora_delta", "gralora_delta_weight"]
 
 
-def _lower(emit, x, w, b, p, cfg: GraLoRA):
+def _lower(emit, x, w, b, p, cfg: GraLoRA, xa=None):
     # block-wise A [k, in/k, r], B [k, r, out/k], optional hybrid pair
     return emit(torch.ops.peftcompile.block_lowrank_linear.default, x, w, b, p["gralora_A"], p["gralora_B"],
-                p.get("gralora_A_hybrid"), p.get("gralora_B_hybrid"), int(cfg.k), float(cfg.scaling))
+                p.get("gralora_A_hybrid"), p.get("gralora_B_hybrid"), int(cfg.k), float(cfg.scaling), xa)
+
+
+def _stack(emit, x, w, b, pcs):
+    """Several GraLoRA adapters with the same k as one of rank sum(r): chunk j of every z_i is
+    the adapters' chunks side by side, so A[i]'s columns and B[j]'s rows interleave per chunk
+    (A_a [k, in_b, k, c_a] -> concatenated on c; B_a [k(j), k(i), c_a, out_b] likewise, scaled)."""
+    ks = {c.k for _, c in pcs}
+    if len(ks) > 1:
+        return f"several GraLoRA adapters with different k {sorted(ks)} on one site"
+    k = ks.pop()
+    As, Bs, Ahs, Bhs = [], [], [], []
+    for p, c in pcs:
+        A, B = p["gralora_A"], p["gralora_B"]
+        in_b, out_b, ch = A.meta["example_value"].shape[1], B.meta["example_value"].shape[2], c.r // k
+        As.append(emit(torch.reshape, A, (k, in_b, k, ch)))
+        Bs.append(emit(torch.reshape, emit(operator.mul, B, float(c.scaling)), (k, k, ch, out_b)))
+        if "gralora_A_hybrid" in p:
+            Ahs.append(p["gralora_A_hybrid"])
+            Bhs.append(emit(operator.mul, p["gralora_B_hybrid"], float(c.scaling)))
+    R = sum(c.r for _, c in pcs)
+    A = emit(torch.reshape, emit(torch.cat, As, 3), (k, in_b, R))
+    B = emit(torch.reshape, emit(torch.cat, Bs, 2), (k, R, out_b))
+    A_h = emit(torch.cat, Ahs, 0) if Ahs else None
+    B_h = emit(torch.cat, Bhs, 1) if Bhs else None
+    return emit(torch.ops.peftcompile.block_lowrank_linear.default, x, w, b, A, B, A_h, B_h, k, 1.0, None)
 
 
 def _from_peft(c: dict) -> GraLoRA:
@@ -45,7 +72,7 @@ register_method(
         delta=gralora_delta,
         delta_weight=gralora_delta_weight,
         check_site=gralora_check_site,
-        lowering=Lowering(shapes_check(gralora_shapes), _lower),
+        lowering=Lowering(shapes_check(gralora_shapes), _lower, _stack),
         rank_axes={"gralora_A": (2,), "gralora_B": (1,), "gralora_A_hybrid": (0,), "gralora_B_hybrid": (1,)},
         # The block product reshapes z to [..., k, k, r/k]; with a symbolic r torch.export took
         # 4-5x longer on a tiny Llama (35 s vs 7 s), so ONNX defaults are full-shape zeros
