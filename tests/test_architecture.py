@@ -175,9 +175,9 @@ def _delta_weight(p, cfg):
     return lowrank_weight(p["gated_A"], p["gated_B"], cfg.scaling, p["gated_g"])
 
 
-def _lower(emit, x, w, b, p, cfg):
+def _lower(emit, x, w, b, p, cfg, xa=None):
     return emit(torch.ops.peftcompile.lowrank_linear.default, x, w, b, p["gated_A"], p["gated_B"], p["gated_g"],
-                float(cfg.scaling))
+                float(cfg.scaling), xa)
 
 
 GATED = Method(
