@@ -40,6 +40,28 @@ class FunctionalMLP(nn.Module):
         return F.linear(F.gelu(F.linear(x, self.w_in, self.b_in)), self.w_out)
 
 
+class ResidualBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.fc(h))
+
+
+class ResidualStack(nn.Module):
+    """Residual tanh blocks: a plain module, captured whole; sites blocks.N.fc (DiffoRA problems)."""
+
+    def __init__(self, d: int = 32, n: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualBlock(d) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
 HF_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 

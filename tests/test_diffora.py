@@ -17,7 +17,7 @@ from peftcompile.diffora import DiffoRASearch, gate_grid, n_kept, parse_site, pl
 from peftcompile.methods import method_for
 from peftcompile.modules import SiteAdapterSet
 
-from conftest import MLP, VOCAB, tiny_llama
+from conftest import ResidualStack, MLP, VOCAB, tiny_llama
 
 PLANTED = ("blocks.2.fc", "blocks.5.fc")
 
@@ -32,26 +32,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-class Block(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + torch.tanh(self.fc(h))
-
-
-class Stack(nn.Module):
-    """Eight residual tanh blocks: a plain module, captured whole; sites blocks.N.fc."""
-
+class Stack(ResidualStack):
     def __init__(self, d: int = 32, n: int = 8) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            x = b(x)
-        return x
+        super().__init__(d, n)
 
 
 def mse(model: nn.Module, batch) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftcompile as pc
+
+from conftest import ResidualStack
 from peftcompile.state import STATE_ATTR
 from peftcompile.diffora import DiffoRASearch, SearchInputError, SearchLossError, search
 
@@ -24,24 +26,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-class Block(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + torch.tanh(self.fc(h))
-
-
-class Stack(nn.Module):
+class Stack(ResidualStack):
     def __init__(self, d: int = 32, n: int = 12) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            x = b(x)
-        return x
+        super().__init__(d, n)
 
 
 def mse(model, batch):
