@@ -79,6 +79,57 @@ def randomize_adapters_(model: nn.Module, std: float = 0.5, seed: int = 0) -> No
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
 
 
+# ---------------------------------------------------------------- compile-backend tests
+#: aot_autograd without inductor's code generation: the same lowering and op autograd, in
+#: seconds instead of C++ builds on a shared 2-core machine.
+FAST = {"peftcompile.compiler": "aot_eager"}
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean dynamo cache and counters around a test (backend tests use it module-wide)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def token_ids(seq: int = 8, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def compile_fast(model, **options):
+    return torch.compile(model, backend="peftcompile", options={**FAST, **options})
+
+
+def counted(prefix: str) -> int:
+    """Sum of the backend's counters starting with ``prefix`` ("fused_", "skipped_")."""
+    from torch._dynamo.utils import counters
+
+    return sum(v for k, v in counters["peftcompile"].items() if k.startswith(prefix))
+
+
+def param_grads(model) -> dict[str, torch.Tensor]:
+    # aot_autograd returns zeros where eager leaves None (e.g. BERT's pooler, unused by the loss)
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+class CountingBackend:
+    """peftcompile (aot_eager inside) that counts the graphs it compiles."""
+
+    def __init__(self, **options):
+        self.frames, self.options = 0, {**FAST, **options}
+
+    def __call__(self, gm, example_inputs):
+        from peftcompile.backend import peftcompile_backend
+
+        self.frames += 1
+        return peftcompile_backend(gm, example_inputs, options=self.options)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -20,13 +20,12 @@ import peftcompile as pc
 from peftcompile.api import site_adapters
 from peftcompile.backend import peftcompile_backend
 
-from conftest import MLP, VOCAB, FunctionalMLP, hf_output, randomize_adapters_, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import FAST, CountingBackend, compile_fast, counted, param_grads, token_ids, MLP, VOCAB, FunctionalMLP, hf_output, randomize_adapters_, tiny_bert, tiny_gpt2, tiny_llama
 
 # RaSA on a module without repeated layers warns that its groups have one site; expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:.*has a single site")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*has a single site"), pytest.mark.usefixtures("fresh_dynamo")]
 
 ATOL, RTOL = 1e-5, 1e-5
-FAST = {"peftcompile.compiler": "aot_eager"}
 # Dropout off (outputs are compared with eager); ``layers`` kept small: dynamo's tracing time
 # grows with the depth, and one layer exercises every site kind. RaSA needs 2 (sharing).
 NO_DROPOUT = {
@@ -48,16 +47,8 @@ TEST_CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
-def _ids(seq: int = 8, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def _adapted(kind: str, cfg, targets="all-linear", layers: int = 1):
@@ -67,44 +58,25 @@ def _adapted(kind: str, cfg, targets="all-linear", layers: int = 1):
     return m
 
 
-def _compile(model, **options):
-    return torch.compile(model, backend="peftcompile", options={**FAST, **options})
 
 
 def _loss(out: torch.Tensor) -> torch.Tensor:
     return out.float().square().mean()
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    # aot_autograd returns zeros where eager leaves None (e.g. BERT's pooler, unused by the loss)
-    return {n: (p.grad if p.grad is not None else torch.zeros_like(p))
-            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _assert_grads_equal(a, b) -> None:
-    ga, gb = _grads(a), _grads(b)
+    ga, gb = param_grads(a), param_grads(b)
     assert ga.keys() == gb.keys() and ga
     for k in ga:
         torch.testing.assert_close(ga[k], gb[k], atol=ATOL, rtol=RTOL, msg=lambda m: f"{k}: {m}")
 
 
-def _fused() -> int:
-    return sum(v for k, v in counters["peftcompile"].items() if k.startswith("fused_"))
 
 
-def _skipped() -> int:
-    return sum(v for k, v in counters["peftcompile"].items() if k.startswith("skipped_"))
 
 
-class CountingBackend:
-    """peftcompile (aot_eager inside) that counts the graphs it compiles."""
-
-    def __init__(self, **options):
-        self.frames, self.options = 0, {**FAST, **options}
-
-    def __call__(self, gm, example_inputs):
-        self.frames += 1
-        return peftcompile_backend(gm, example_inputs, options=self.options)
 
 
 # ---------------------------------------------------------------- lowering + parity
@@ -113,11 +85,11 @@ def test_lowering_fuses_every_site_and_matches_eager(kind, cfg, layers, n_sites)
     model = _adapted(kind, cfg, layers=layers)
     assert len(list(site_adapters(model))) == n_sites
     ref = copy.deepcopy(model)
-    ids = _ids()
-    out = hf_output(_compile(model)(ids))
+    ids = token_ids()
+    out = hf_output(compile_fast(model)(ids))
     _loss(out).backward()
     assert counters["peftcompile"][f"fused_{cfg.name}"] == n_sites
-    assert _skipped() == 0
+    assert counted("skipped_") == 0
     assert not counters["graph_break"], dict(counters["graph_break"])
     expected = hf_output(ref(ids))
     _loss(expected).backward()
@@ -135,7 +107,7 @@ def test_fused_op_is_in_the_compiled_graph():
         return out
 
     model = _adapted("gpt2", pc.GraLoRA(r=4, k=2, hybrid_r=2), targets=["c_attn"])
-    torch.compile(model, backend=spy)(_ids())
+    torch.compile(model, backend=spy)(token_ids())
     targets = seen[0]
     assert targets.count(torch.ops.peftcompile.block_lowrank_linear.default) == 1
     assert torch.addmm not in targets[:targets.index(torch.ops.peftcompile.block_lowrank_linear.default)]
@@ -149,7 +121,7 @@ def test_functional_site_and_plain_module():
     randomize_adapters_(model, std=0.1)
     ref = copy.deepcopy(model)
     x = torch.randn(3, 5, 16)
-    out = _compile(model)(x)
+    out = compile_fast(model)(x)
     _loss(out).backward()
     _loss(ref(x)).backward()
     assert counters["peftcompile"]["fused_rasa"] == 2
@@ -172,13 +144,13 @@ def test_odd_shapes_and_dtypes(cfg, dtype):
     randomize_adapters_(model, std=0.1)
     ref = copy.deepcopy(model)
     x = torch.randn(3, 7, 24, dtype=dtype)
-    out = _compile(model)(x)
+    out = compile_fast(model)(x)
     _loss(out).backward()
     expected = ref(x)
     _loss(expected).backward()
     assert counters["peftcompile"][f"fused_{cfg.name}"] == 2
     torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
-    ga, gb = _grads(model), _grads(ref)
+    ga, gb = param_grads(model), param_grads(ref)
     for k in ga:
         torch.testing.assert_close(ga[k], gb[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
 
@@ -191,8 +163,8 @@ def test_mixed_dtypes_are_fused():
     model.fc1.peftcompile.float()
     randomize_adapters_(model, std=0.1)
     x = torch.randn(4, 16, dtype=torch.bfloat16)
-    out = _compile(model)(x)
-    assert counters["peftcompile"]["fused_lora"] == 1 and _skipped() == 0
+    out = compile_fast(model)(x)
+    assert counters["peftcompile"]["fused_lora"] == 1 and counted("skipped_") == 0
     torch.testing.assert_close(out, model(x))
 
 
@@ -203,9 +175,9 @@ def test_autocast_is_fused():
     randomize_adapters_(model, std=0.1)
     x = torch.randn(4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = _compile(model)(x)
+        out = compile_fast(model)(x)
         expected = model(x)
-    assert counters["peftcompile"]["fused_lora"] == 2 and _skipped() == 0
+    assert counters["peftcompile"]["fused_lora"] == 2 and counted("skipped_") == 0
     torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
 
 
@@ -216,7 +188,7 @@ def test_malformed_tag_is_skipped_not_fatal():
     randomize_adapters_(model, std=0.1)
     model.fc1.peftcompile["default"]._tag["config"] = "{not json"
     x = torch.randn(4, 16)
-    out = _compile(model)(x)
+    out = compile_fast(model)(x)
     assert counters["peftcompile"]["skipped_lora"] == 1
     torch.testing.assert_close(out, model(x))
 
@@ -237,8 +209,8 @@ def test_site_called_twice_gives_two_regions():
     pc.adapt(model, pc.AdapterSpec(pc.LoRA(r=4), targets=["fc"]))
     randomize_adapters_(model, std=0.1)
     x = torch.randn(3, 16)
-    out = _compile(model)(x)
-    assert counters["peftcompile"]["fused_lora"] == 2 and _skipped() == 0
+    out = compile_fast(model)(x)
+    assert counters["peftcompile"]["fused_lora"] == 2 and counted("skipped_") == 0
     fc, a = model.fc, model.fc.peftcompile["default"]
     expected = x
     for _ in range(2):  # the second call's delta reads the first call's adapted output
@@ -249,10 +221,10 @@ def test_site_called_twice_gives_two_regions():
 def test_training_steps_match_eager():
     model = _adapted("llama", pc.GraLoRA(r=4, k=2))
     ref = copy.deepcopy(model)
-    compiled = _compile(model)
+    compiled = compile_fast(model)
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (model, ref)]
     losses = []
-    ids = _ids()  # one batch: the loss must go down
+    ids = token_ids()  # one batch: the loss must go down
     for _ in range(4):
         pair = []
         for m, opt in zip((compiled, ref), opts):
@@ -335,8 +307,8 @@ def test_trainable_base_weight_is_left_as_reference_math():
     model = _adapted("llama", pc.LoRA(r=4), targets=["q_proj"], layers=2)
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
     ref = copy.deepcopy(model)
-    ids = _ids()
-    out = hf_output(_compile(model)(ids))
+    ids = token_ids()
+    out = hf_output(compile_fast(model)(ids))
     _loss(out).backward()
     _loss(hf_output(ref(ids))).backward()
     assert counters["peftcompile"]["skipped_lora"] == 1 and counters["peftcompile"]["fused_lora"] == 1
@@ -352,8 +324,8 @@ def test_two_active_adapters_of_two_methods_on_one_site():
     pc.set_active(model, ["a", "b"])
     randomize_adapters_(model, std=0.1)
     ref = copy.deepcopy(model)
-    ids = _ids()
-    out = hf_output(_compile(model)(ids))
+    ids = token_ids()
+    out = hf_output(compile_fast(model)(ids))
     assert counters["peftcompile"]["fused_lora"] == 1 and counters["peftcompile"]["skipped_gralora"] == 1
     torch.testing.assert_close(out, hf_output(ref(ids)), atol=ATOL, rtol=RTOL)
 
@@ -363,7 +335,7 @@ def test_two_active_adapters_of_two_methods_on_one_site():
 def test_no_graph_breaks(kind):
     model = _adapted(kind, pc.GraLoRA(r=4, k=2, hybrid_r=2, dropout=0.1))
     model.train()
-    exp = torch._dynamo.explain(model)(_ids())
+    exp = torch._dynamo.explain(model)(token_ids())
     assert exp.graph_break_count == 0, exp.break_reasons
     assert exp.graph_count == 1
 
@@ -371,7 +343,7 @@ def test_no_graph_breaks(kind):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_generate_prefill_and_cached_decode(kind):
     model = _adapted(kind, pc.LoRA(r=4, alpha=8)).eval()
-    ids = _ids(seq=6, batch=1)
+    ids = token_ids(seq=6, batch=1)
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=4, do_sample=False)
     backend = CountingBackend()
@@ -381,7 +353,7 @@ def test_generate_prefill_and_cached_decode(kind):
     assert torch.equal(got, want)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert 2 <= backend.frames <= 3  # prefill, first decode step, then one dynamic decode graph
-    assert _fused() == backend.frames * len(list(site_adapters(model)))
+    assert counted("fused_") == backend.frames * len(list(site_adapters(model)))
 
 
 def test_sequence_length_change_does_not_recompile_per_length():
@@ -390,11 +362,11 @@ def test_sequence_length_change_does_not_recompile_per_length():
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
     for seq in (5, 7, 9, 12, 16):
-        ids = _ids(seq=seq)
+        ids = token_ids(seq=seq)
         out = hf_output(compiled(ids))
         torch.testing.assert_close(out, hf_output(ref(ids)), atol=ATOL, rtol=RTOL)
     assert backend.frames == 2  # static first shape, then one graph with a symbolic length
-    assert _fused() == 2 * 14 and _skipped() == 0  # the pass also fuses the dynamic graph
+    assert counted("fused_") == 2 * 14 and counted("skipped_") == 0  # the pass also fuses the dynamic graph
 
 
 def test_reloading_adapter_weights_does_not_recompile(tmp_path):
@@ -404,7 +376,7 @@ def test_reloading_adapter_weights_does_not_recompile(tmp_path):
     pc.save_adapters(other, tmp_path / "other")
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
-    ids = _ids()
+    ids = token_ids()
     before = hf_output(compiled(ids))
     pc.load_adapters(model, tmp_path / "other", name="default")
     after = hf_output(compiled(ids))
@@ -426,8 +398,8 @@ def test_set_active_switch():
     pc.adapt(model, pc.AdapterSpec(pc.GraLoRA(r=4, k=2), targets=["query", "value"]), "b")
     randomize_adapters_(model, std=0.1)
     pc.set_active(model, "a")
-    compiled = _compile(model)
-    ids = _ids()
+    compiled = compile_fast(model)
+    ids = token_ids()
     outs = {}
     for name in ("a", "b", "a"):
         pc.set_active(model, name)
@@ -440,15 +412,15 @@ def test_set_active_switch():
 
 def test_dropout_only_in_train():
     model = _adapted("llama", pc.LoRA(r=4, dropout=0.5), targets=["q_proj", "v_proj", "down_proj"])
-    compiled = _compile(model)
-    ids = _ids()
+    compiled = compile_fast(model)
+    ids = token_ids()
     model.eval()
     eval_out = hf_output(compiled(ids))
     torch.testing.assert_close(eval_out, hf_output(model(ids)), atol=ATOL, rtol=RTOL)
-    assert counters["peftcompile"]["fused_lora"] == 3 and _skipped() == 0
+    assert counters["peftcompile"]["fused_lora"] == 3 and counted("skipped_") == 0
     model.train()
     t1, t2 = hf_output(compiled(ids)), hf_output(compiled(ids))
-    assert counters["peftcompile"]["fused_lora"] == 6 and _skipped() == 0  # active dropout: op reads its output
+    assert counters["peftcompile"]["fused_lora"] == 6 and counted("skipped_") == 0  # active dropout: op reads its output
     assert not torch.allclose(t1, t2) and not torch.allclose(t1, eval_out)
     model.eval()
     torch.testing.assert_close(hf_output(compiled(ids)), eval_out)

@@ -24,57 +24,32 @@ import peftcompile as pc
 from peftcompile.api import site_adapters
 from peftcompile.backend import peftcompile_backend
 
-from conftest import MLP, VOCAB, hf_output, randomize_adapters_, tiny_llama
+from conftest import FAST, CountingBackend, compile_fast, counted, param_grads, token_ids, MLP, VOCAB, hf_output, randomize_adapters_, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*has a single site")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*has a single site"), pytest.mark.usefixtures("fresh_dynamo")]
 
 ATOL, RTOL = 1e-5, 1e-5
-FAST = {"peftcompile.compiler": "aot_eager"}
 METHODS = [pc.LoRA(r=4, alpha=8), pc.GraLoRA(r=4, k=2, hybrid_r=2), pc.RaSA(r=4, k=1)]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
-def _ids(seq: int = 8, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _compile(model, **options):
-    return torch.compile(model, backend="peftcompile", options={**FAST, **options})
 
 
-def _skipped() -> int:
-    return sum(v for k, v in counters["peftcompile"].items() if k.startswith("skipped_"))
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: (p.grad if p.grad is not None else torch.zeros_like(p))
-            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _assert_same(out, expected, model, ref, atol=ATOL, rtol=RTOL) -> None:
     torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
-    ga, gb = _grads(model), _grads(ref)
+    ga, gb = param_grads(model), param_grads(ref)
     assert ga.keys() == gb.keys() and ga
     for k in ga:
         torch.testing.assert_close(ga[k], gb[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
 
 
-class CountingBackend:
-    """peftcompile (aot_eager inside) that counts the graphs it compiles."""
-
-    def __init__(self, **options):
-        self.frames, self.options = 0, {**FAST, **options}
-
-    def __call__(self, gm, example_inputs):
-        self.frames += 1
-        return peftcompile_backend(gm, example_inputs, options=self.options)
 
 
 def _llama(cfg, targets="all-linear", layers: int = 2):
@@ -93,18 +68,18 @@ def test_dropout_in_training_is_fused(cfg):
     model = _llama(cfg).train()
     n = len(list(site_adapters(model)))
     ref = copy.deepcopy(model)
-    ids = _ids()
+    ids = token_ids()
     torch.manual_seed(7)
-    out = hf_output(_compile(model)(ids))
+    out = hf_output(compile_fast(model)(ids))
     out.float().square().mean().backward()
     torch.manual_seed(7)
     expected = hf_output(ref(ids))
     expected.float().square().mean().backward()
-    assert counters["peftcompile"][f"fused_{cfg.name}"] == n == 14 and _skipped() == 0
+    assert counters["peftcompile"][f"fused_{cfg.name}"] == n == 14 and counted("skipped_") == 0
     _assert_same(out, expected, model, ref)
     # and the masks really drop: a second step draws other ones
     model.zero_grad()
-    again = hf_output(_compile(model)(ids))
+    again = hf_output(compile_fast(model)(ids))
     assert not torch.allclose(again, out)
 
 
@@ -118,7 +93,7 @@ def test_dropout_op_gets_the_dropped_input():
         return out
 
     model = _llama(pc.LoRA(r=4, dropout=0.2), targets=["v_proj"], layers=1).train()
-    torch.compile(model, backend=spy)(_ids())
+    torch.compile(model, backend=spy)(token_ids())
     ops = [n for n in seen[0].graph.nodes if n.target is torch.ops.peftcompile.lowrank_linear.default]
     assert len(ops) == 1
     xa = ops[0].args[7]
@@ -149,11 +124,11 @@ def test_fp32_adapters_on_16bit_base_are_fused(cfg, base):
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     ref = copy.deepcopy(model)
     x = torch.randn(3, 7, 24).to(base)
-    out = _compile(model)(x)
+    out = compile_fast(model)(x)
     out.float().square().mean().backward()
     expected = ref(x)
     expected.float().square().mean().backward()
-    assert counters["peftcompile"][f"fused_{cfg.name}"] == 2 and _skipped() == 0
+    assert counters["peftcompile"][f"fused_{cfg.name}"] == 2 and counted("skipped_") == 0
     assert out.dtype == base
     # the same math in float64 (inputs as rounded), to measure each side's own rounding error
     exact = copy.deepcopy(ref).double()
@@ -161,9 +136,9 @@ def test_fp32_adapters_on_16bit_base_are_fused(cfg, base):
     eps = torch.finfo(base).eps
     assert _err(out, ex) <= 2 * _err(expected, ex) + eps * ex.abs().max().item()
     torch.testing.assert_close(out, expected, atol=4 * eps, rtol=4 * eps)
-    for k, g in _grads(model).items():
+    for k, g in param_grads(model).items():
         assert g.dtype == torch.float32, k
-        torch.testing.assert_close(g, _grads(ref)[k], atol=4 * eps * g.abs().max().item(), rtol=4 * eps,
+        torch.testing.assert_close(g, param_grads(ref)[k], atol=4 * eps * g.abs().max().item(), rtol=4 * eps,
                                    msg=lambda m: f"{k}: {m}")
 
 
@@ -177,17 +152,17 @@ def test_autocast_is_fused(cfg):
     ref = copy.deepcopy(model)
     x = torch.randn(3, 7, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = _compile(model)(x)
+        out = compile_fast(model)(x)
         expected = ref(x)
     out.float().square().mean().backward()
     expected.float().square().mean().backward()
-    assert counters["peftcompile"][f"fused_{cfg.name}"] == 2 and _skipped() == 0
+    assert counters["peftcompile"][f"fused_{cfg.name}"] == 2 and counted("skipped_") == 0
     assert out.dtype == expected.dtype == torch.bfloat16
     eps = torch.finfo(torch.bfloat16).eps
     ex = copy.deepcopy(ref).double()(x.double())
     assert _err(out, ex) <= 2 * _err(expected, ex) + eps * ex.abs().max().item()
-    for k, g in _grads(model).items():
-        want = _grads(ref)[k]
+    for k, g in param_grads(model).items():
+        want = param_grads(ref)[k]
         torch.testing.assert_close(g, want, atol=8 * eps * want.abs().max().item(), rtol=8 * eps,
                                    msg=lambda m: f"{k}: {m}")
 
@@ -211,7 +186,7 @@ def test_two_active_adapters_are_one_op(method):
     pc.set_active(model, ["a", "b"])
     randomize_adapters_(model, std=0.1)
     ref = copy.deepcopy(model)
-    ids = _ids()
+    ids = token_ids()
     seen = []
 
     def spy(gm, example_inputs):
@@ -224,7 +199,7 @@ def test_two_active_adapters_are_one_op(method):
     expected = hf_output(ref(ids))
     expected.float().square().mean().backward()
     sites = 14
-    assert counters["peftcompile"][f"fused_{method}"] == 2 * sites and _skipped() == 0
+    assert counters["peftcompile"][f"fused_{method}"] == 2 * sites and counted("skipped_") == 0
     assert counters["peftcompile"]["stacked_sites"] == sites
     fused_ops = [t for t in seen[0] if isinstance(t, torch._ops.OpOverload) and t.namespace == "peftcompile"]
     assert len(fused_ops) == sites
@@ -243,7 +218,7 @@ def test_stacking_falls_back_with_dropout():
     ref = copy.deepcopy(model)
     x = torch.randn(4, 16)
     torch.manual_seed(3)
-    out = _compile(model)(x)
+    out = compile_fast(model)(x)
     torch.manual_seed(3)
     expected = ref(x)
     assert counters["peftcompile"]["fused_lora"] == 2 and counters["peftcompile"]["skipped_lora"] == 2
@@ -286,11 +261,11 @@ def test_matmul_linears_are_adapted_and_fused(cfg):
     randomize_adapters_(model, std=0.1)
     ref = copy.deepcopy(model)
     x = torch.randn(3, 5, 16)
-    out = _compile(model)(x)
+    out = compile_fast(model)(x)
     out.square().mean().backward()
     expected = ref(x)
     expected.square().mean().backward()
-    assert counters["peftcompile"][f"fused_{cfg.name}"] == 4 and _skipped() == 0
+    assert counters["peftcompile"][f"fused_{cfg.name}"] == 4 and counted("skipped_") == 0
     _assert_same(out, expected, model, ref)
 
 
@@ -305,12 +280,12 @@ def test_falcon_linears_are_fused():
     n = len(list(site_adapters(model)))
     randomize_adapters_(model, std=0.1)
     ref = copy.deepcopy(model)
-    ids = _ids()
-    out = _compile(model)(ids).logits
+    ids = token_ids()
+    out = compile_fast(model)(ids).logits
     out.square().mean().backward()
     expected = ref(ids).logits
     expected.square().mean().backward()
-    assert n == 4 and counters["peftcompile"]["fused_gralora"] == n and _skipped() == 0
+    assert n == 4 and counters["peftcompile"]["fused_gralora"] == n and counted("skipped_") == 0
     _assert_same(out, expected, model, ref)
 
 
@@ -322,11 +297,11 @@ def test_marked_dynamic_length_compiles_once():
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
     for seq in (6, 11, 17):
-        ids = _ids(seq=seq)
+        ids = token_ids(seq=seq)
         torch._dynamo.mark_dynamic(ids, 1)
         torch.testing.assert_close(hf_output(compiled(ids)), hf_output(ref(ids)), atol=ATOL, rtol=RTOL)
     assert backend.frames == 1
-    assert counters["peftcompile"]["fused_gralora"] == 7 and _skipped() == 0
+    assert counters["peftcompile"]["fused_gralora"] == 7 and counted("skipped_") == 0
 
 
 def test_switching_enabling_disabling_compiles_each_state_once():
@@ -338,7 +313,7 @@ def test_switching_enabling_disabling_compiles_each_state_once():
     randomize_adapters_(model, std=0.1)
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
-    ids = _ids()
+    ids = token_ids()
     states = [("a",), ("b",), ("a", "b"), None]
 
     def run(state):
@@ -358,7 +333,7 @@ def test_switching_enabling_disabling_compiles_each_state_once():
         torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     assert backend.frames == first  # every state again, no new graph
     # a, b: 2 sites each; both: 2 stacked sites (4 regions); disabled: none
-    assert counters["peftcompile"]["fused_lora"] == 2 + 2 + 4 and _skipped() == 0
+    assert counters["peftcompile"]["fused_lora"] == 2 + 2 + 4 and counted("skipped_") == 0
 
 
 # ---------------------------------------------------------------- inductor
@@ -384,12 +359,12 @@ def test_inductor_decomposes_dropout_and_casts():
     torch.manual_seed(5)
     expected = ref(x)
     expected.float().square().mean().backward()
-    assert counters["peftcompile"]["fused_gralora"] == 2 and _skipped() == 0
+    assert counters["peftcompile"]["fused_gralora"] == 2 and counted("skipped_") == 0
     assert counters["peftcompile"]["decomposed_graphs"] >= 1
     eps = torch.finfo(torch.bfloat16).eps
     torch.testing.assert_close(out, expected, atol=4 * eps, rtol=4 * eps)
-    for k, g in _grads(model).items():
-        want = _grads(ref)[k]
+    for k, g in param_grads(model).items():
+        want = param_grads(ref)[k]
         torch.testing.assert_close(g, want, atol=4 * eps * want.abs().max().item(), rtol=4 * eps,
                                    msg=lambda m: f"{k}: {m}")
 
@@ -400,7 +375,7 @@ def test_generate_unmerged_through_backend_equals_eager_and_merged():
     the adapter unmerged: the same tokens as eager, every site fused in every graph; and the
     merged model (plain linears) compiled gives the same tokens."""
     model = _llama(pc.GraLoRA(r=4, k=2, hybrid_r=2, dropout=0.1), layers=1).eval()
-    ids = _ids(seq=6, batch=1)
+    ids = token_ids(seq=6, batch=1)
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=5, do_sample=False)
     merged = copy.deepcopy(model)
@@ -411,7 +386,7 @@ def test_generate_unmerged_through_backend_equals_eager_and_merged():
         got = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(got, want)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["peftcompile"]["fused_gralora"] == backend.frames * 7 and _skipped() == 0
+    assert counters["peftcompile"]["fused_gralora"] == backend.frames * 7 and counted("skipped_") == 0
     frames = backend.frames
     merged.forward = torch.compile(merged.forward, backend=backend)
     with torch.no_grad():
