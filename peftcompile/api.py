@@ -24,7 +24,7 @@ from .passes.capture import capture, site_kind
 from .passes.match import Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
 from .spec import ALL_LINEAR, AdapterSpec, Placement, matches, select_modules, select_sites
-from .state import (SHARED_ATTR, STATE_ATTR, ModelState, freeze_base_, require_state, site_adapters, state_of,
+from .state import (SHARED_ATTR, merged_sites, STATE_ATTR, ModelState, freeze_base_, require_state, site_adapters, state_of,
                     trainable_modules)
 
 __all__ = [
@@ -490,16 +490,33 @@ def _check_mergeable(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _merge_sites(model: nn.Module, wanted: dict[int, tuple[str, ...]] | None = None) -> None:
-    """Fold adapters into W: ``wanted[id(site set)]`` names per site (default: the active ones)."""
-    for host, _, cont in site_adapters(model):
-        w = getattr(host, cont.weight_attr)
-        names = cont.active if wanted is None else wanted.get(id(cont), ())
-        for n in names:
-            if n in cont.merged or n not in cont:
-                continue
-            w.copy_((w.to(torch.float32) + _delta_for(cont, n)).to(w.dtype))
-            cont.merged = cont.merged + (n,)
+def _to_merge(cont: SiteAdapterSet, wanted: dict[int, tuple[str, ...]] | None) -> tuple[str, ...]:
+    names = cont.active if wanted is None else wanted.get(id(cont), ())
+    return tuple(n for n in names if n in cont and n not in cont.merged)
+
+
+def _merged_weight(w: torch.Tensor, cont: SiteAdapterSet, names: Sequence[str]) -> torch.Tensor:
+    """W with ``names`` folded in, rounded to W's dtype after each adapter (as unmerge undoes it)."""
+    for n in names:
+        w = (w.to(torch.float32) + _delta_for(cont, n)).to(w.dtype)
+    return w
+
+
+@torch.no_grad()
+def _merge_sites(model: nn.Module, wanted: dict[int, tuple[str, ...]] | None = None, *, safe: bool = False) -> None:
+    """Fold adapters into W: ``wanted[id(site set)]`` names per site (default: the active ones).
+    ``safe``: first check every merged weight is finite, writing none if one is not (the
+    weights are computed twice rather than held: holding them would double the model's memory)."""
+    todo = [(getattr(host, c.weight_attr), c, _to_merge(c, wanted)) for host, _, c in site_adapters(model)]
+    todo = [(w, c, names) for w, c, names in todo if names]
+    if safe:
+        for w, cont, names in todo:
+            if not bool(torch.isfinite(_merged_weight(w, cont, names)).all()):
+                raise AdapterError(f"{cont.site}: merging adapter(s) {list(names)} gives NaN/inf weights; "
+                                   f"nothing was merged. Check the adapter's tensors (training diverged?)")
+    for w, cont, names in todo:
+        w.copy_(_merged_weight(w, cont, names))
+        cont.merged = cont.merged + names
 
 
 def merge(model: nn.Module, *, safe_merge: bool = False) -> None:
@@ -510,20 +527,10 @@ def merge(model: nn.Module, *, safe_merge: bool = False) -> None:
     ``F.linear`` on an embedding's weight). ``safe_merge``: compute every merged weight
     first and refuse, before writing any, if one is not finite (PEFT's option)."""
     _check_mergeable(model)
-    todo = [(c, n) for _, _, c in site_adapters(model) for n in c.active if n not in c.merged and n in c]
-    if not todo:
+    if not any(_to_merge(c, None) for _, _, c in site_adapters(model)):
         warnings.warn("all active adapters are already merged; nothing to do", AdapterWarning, stacklevel=2)
         return
-    if safe_merge:
-        for host, _, cont in site_adapters(model):
-            w = getattr(host, cont.weight_attr).to(torch.float32)
-            for n in cont.active:
-                if n in cont and n not in cont.merged:
-                    w = w + _delta_for(cont, n)
-            if not bool(torch.isfinite(w).all()):
-                raise AdapterError(f"{cont.site}: merging adapter(s) {list(cont.active)} gives NaN/inf weights; "
-                                   f"nothing was merged. Check the adapter's tensors (training diverged?)")
-    _merge_sites(model)
+    _merge_sites(model, safe=safe_merge)
 
 
 @torch.no_grad()
@@ -569,7 +576,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     st = require_state(model)
     if name not in st.specs:
         raise AdapterError(f"no adapter named {name!r}; this model has {sorted(st.specs)}")
-    merged = sorted(c.site for _, _, c in site_adapters(model) if name in c.merged)
+    merged = merged_sites(model, name)
     if merged:
         raise AdapterError(f"adapter {name!r} is merged at {merged[:3]}; peftcompile.unmerge(model) before deleting it")
     if len(st.specs) == 1:
@@ -595,7 +602,7 @@ def unload(model: nn.Module) -> nn.Module:
     and ``requires_grad`` flags, as before the first ``adapt``. Refused while merged (use
     :func:`merge_and_unload`, or :func:`unmerge` first)."""
     st = require_state(model)
-    merged = sorted(c.site for _, _, c in site_adapters(model) if c.merged)
+    merged = merged_sites(model)
     if merged:
         raise AdapterError(f"adapters are merged at {merged[:3]}; unload() would leave their deltas in the weights. "
                            f"Fix: peftcompile.unmerge(model) first, or merge_and_unload(model) to keep them")
@@ -624,7 +631,7 @@ def disable_adapter_layers(model: nn.Module) -> None:
     """Run the base model until :func:`enable_adapter_layers` (persistent :func:`disabled`).
     Refused while merged (the deltas are inside the weights)."""
     require_state(model)
-    merged = sorted(c.site for _, _, c in site_adapters(model) if c.merged)
+    merged = merged_sites(model)
     if merged:
         raise AdapterError(f"adapters are merged at {merged[:3]}; unmerge(model) before disabling them")
     for _, _, c in site_adapters(model):

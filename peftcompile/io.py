@@ -21,8 +21,7 @@ from typing import Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 
 from .api import apply_plan_, check_adapter_name, plan_adapt, set_active
@@ -33,14 +32,17 @@ from .methods.registry import ANY
 from .passes.capture import capture
 from .passes.match import match
 from .spec import AdapterSpec, exact_targets
-from .state import (checkpoint_params, require_state, shared_key, shared_of, site_adapters, site_key, state_of,
+from .state import (checkpoint_params, merged_sites, require_state, shared_key, shared_of, site_adapters, site_key, state_of,
                     trainable_params)
 
-__all__ = ["save_adapters", "load_adapters", "load_peft_adapter", "tensor_mismatch", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_adapters", "load_adapters", "load_peft_adapter", "read_weights", "tensor_mismatch", "WEIGHTS_NAME",
+           "CONFIG_NAME", "CHECKPOINT_KEYS"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "peftcompile/1"
+#: The keys of the config save_adapters writes (readers refuse others).
+CHECKPOINT_KEYS = frozenset({"format", "adapter", "spec", "sites", "groups", "weights_sha256"})
 
 
 def _layout(model: nn.Module, name: str) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
@@ -134,18 +136,20 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
 PREV_SUFFIX = ".prev"
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_tmp(file: Path, data: bytes) -> None:
+    """One temporary file of a checkpoint (a seam the crash-safety tests cut through)."""
+    file.write_bytes(data)
 
 
 def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], cfg: dict, *, peft_layout: bool = False) -> None:
-    """Weights and config (full CPU tensors) as one unit (see save_adapters). Our config records the weights'
-    sha256; a PEFT-layout config must stay PEFT's (PEFT warns on unknown keys), so there the
-    weights' safetensors metadata records the config's sha256 instead."""
+    """Weights and config (full CPU tensors) as one unit (see save_adapters). Our config records
+    the weights' sha256; a PEFT-layout config must stay PEFT's (PEFT warns on unknown keys), so
+    there the weights' safetensors metadata records the config's sha256 instead. The tensors are
+    serialised once, in memory, and hashed from those bytes."""
     try:
         path.mkdir(parents=True, exist_ok=True)  # here, not earlier: only the writing rank creates it
     except OSError as e:
@@ -153,15 +157,16 @@ def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], cfg: dict, *
     weights, config, prev = path / WEIGHTS_NAME, path / CONFIG_NAME, path / (WEIGHTS_NAME + PREV_SUFFIX)
     tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_w, tmp_c = path / (WEIGHTS_NAME + tag), path / (CONFIG_NAME + tag)
+    if peft_layout:
+        text = json.dumps(cfg, indent=2)
+        data = save(tensors, metadata={"format": "pt", CONFIG_HASH_KEY: _sha256(text.encode())})
+    else:
+        data = save(tensors)
+        text = json.dumps({**cfg, "weights_sha256": _sha256(data)}, indent=2)
     try:
         try:
-            if peft_layout:
-                text = json.dumps(cfg, indent=2)
-                save_file(tensors, str(tmp_w), metadata={"format": "pt", CONFIG_HASH_KEY: _sha256_bytes(text.encode())})
-            else:
-                save_file(tensors, str(tmp_w))
-                text = json.dumps({**cfg, "weights_sha256": _sha256(tmp_w)}, indent=2)
-            tmp_c.write_text(text)
+            _write_tmp(tmp_w, data)
+            _write_tmp(tmp_c, text.encode())
         except OSError as e:
             raise AdapterError(f"cannot write the adapter to {path}: {e}") from None
         if weights.exists():
@@ -181,45 +186,42 @@ def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], cfg: dict, *
 CONFIG_HASH_KEY = "peftcompile_config_sha256"
 
 
-def _sha256_bytes(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def _belongs(weights: Path, cfg: dict, config_file: Path) -> bool | None:
-    """Whether ``weights`` was written with this config (None: the checkpoint records no link)."""
-    if "weights_sha256" in cfg:
-        return _sha256(weights) == cfg["weights_sha256"]
+def _metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of safetensors bytes (8-byte little-endian header length, JSON header)."""
     try:
-        with safe_open(str(weights), "pt") as f:
-            want = (f.metadata() or {}).get(CONFIG_HASH_KEY)
-    except (SafetensorError, OSError):
-        return None
-    if want is None:
-        return None
-    return _sha256_bytes(config_file.read_bytes()) == want
+        n = int.from_bytes(data[:8], "little")
+        return json.loads(data[8:8 + n]).get("__metadata__") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return {}
 
 
-def _checked_weights(path: Path, cfg: dict) -> Path:
-    """The weights file that belongs to ``cfg``: the current one, or the previous one left by
-    an interrupted save (with a warning); AdapterError if neither matches."""
-    weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
-    if not weights.is_file() or _belongs(weights, cfg, config) in (True, None):
-        return weights  # older checkpoints record no link; a missing file is reported by the reader
-    prev = path / (WEIGHTS_NAME + PREV_SUFFIX)
-    if prev.is_file() and _belongs(prev, cfg, config):
-        warnings.warn(f"{path}: a save was interrupted after writing new weights; loading the previous, complete "
-                      f"checkpoint ({prev.name}). Save again to replace it.", AdapterWarning, stacklevel=3)
-        return prev
-    raise AdapterError(f"{weights} does not match {config} (sha256 differs: an interrupted or mixed save); save the "
-                       f"adapter again")
+def _belongs(data: bytes, cfg: dict, config_file: Path) -> bool | None:
+    """Whether weights ``data`` were written with this config (None: no link recorded)."""
+    if "weights_sha256" in cfg:
+        return _sha256(data) == cfg["weights_sha256"]
+    want = _metadata(data).get(CONFIG_HASH_KEY)
+    return None if want is None else _sha256(config_file.read_bytes()) == want
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """The tensors that belong to ``cfg`` (each file read once): the current weights, or the
+    previous ones left by an interrupted save (with a warning); AdapterError if neither matches."""
+    file, config = path / WEIGHTS_NAME, path / CONFIG_NAME
     if not file.is_file():
         raise AdapterError(f"adapter weights not found: {file}")
+    data = file.read_bytes()
+    if _belongs(data, cfg, config) is False:
+        prev = path / (WEIGHTS_NAME + PREV_SUFFIX)
+        old = prev.read_bytes() if prev.is_file() else b""
+        if not (old and _belongs(old, cfg, config)):
+            raise AdapterError(f"{file} does not match {config} (sha256 differs: an interrupted or mixed save); "
+                               f"save the adapter again")
+        warnings.warn(f"{path}: a save was interrupted after writing new weights; loading the previous, complete "
+                      f"checkpoint ({prev.name}). Save again to replace it.", AdapterWarning, stacklevel=3)
+        file, data = prev, old
     try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
+        return load(data)
+    except (SafetensorError, ValueError) as e:
         raise AdapterError(f"{file} is not a readable safetensors file ({e}); save it with save_adapters") from None
 
 
@@ -298,7 +300,7 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tup
 
 def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
              tensors: Mapping[str, torch.Tensor], source: str, is_trainable: bool | None = None,
-             activate: bool | None = None) -> nn.Module:
+             activate: bool | None = None, expected: tuple[dict, dict] | None = None) -> nn.Module:
     check_adapter_name(name)
     for arg, v in (("is_trainable", is_trainable), ("activate", activate)):
         if v is not None and not isinstance(v, bool):
@@ -308,7 +310,8 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
     previous = tuple(n for n in (st0.active if st0 else ()) if n != name)
     if activate is None:
         activate = not previous
-    shapes, groups = _expected(model, spec.method, sites)
+    shapes, groups = expected or _expected(model, spec.method, sites)
+    shapes = dict(shapes)
     shapes.update({k: tuple(t.shape) for k, t in trainable_params(model, spec.trainable).items()})
     _check_tensors(tensors, shapes, source)
     on_meta = [n for n, p in model.named_parameters() if p.is_meta]
@@ -325,7 +328,7 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
                 f"adapter {name!r} on the model has {st.specs[name].method!r} at {len(have)} sites; {source} has "
                 f"{spec.method!r} at {len(sites)} sites; load it under another name"
             )
-        merged = sorted(c.site for _, _, c in site_adapters(model) if name in c.merged)
+        merged = merged_sites(model, name)
         if merged:
             raise AdapterError(
                 f"adapter {name!r} is merged into the base weights ({merged[:3]}); replacing its tensors now would "
@@ -395,14 +398,15 @@ def _load_adapters(model: nn.Module, path: str | Path, name: str | None, is_trai
     sites = list(cfg["sites"])
     if not all(isinstance(s_, str) for s_ in sites):
         raise AdapterError(f"{file}: site names must be strings, got {sites[:4]}")
-    tensors = _read_safetensors(_checked_weights(path, cfg))
-    _, groups = _expected(model, spec.method, sites)
+    tensors = read_weights(path, cfg)
+    expected = _expected(model, spec.method, sites)  # captures the model: once per load
+    groups = expected[1]
     if groups != {g: list(m) for g, m in cfg.get("groups", {}).items()}:
         raise AdapterError(
             f"{path}: shared tensors were saved for groups {sorted(cfg.get('groups', {}))} but the sites group "
             f"as {sorted(groups)} on this model"
         )
-    return _install(model, name, spec, sites, tensors, str(path), is_trainable, activate)
+    return _install(model, name, spec, sites, tensors, str(path), is_trainable, activate, expected)
 
 
 def _peft_formats() -> dict[str, tuple[str, object]]:
@@ -446,7 +450,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{peft_dir / CONFIG_NAME}: cannot read the {ptype} config ({type(e).__name__}: {e})") from None
     suffixes = fmt.keys
-    raw = _read_safetensors(_checked_weights(peft_dir, c))
+    raw = read_weights(peft_dir, c)
     tensors, sites = {}, []
     for key, t in raw.items():
         k = key.removeprefix("base_model.model.")

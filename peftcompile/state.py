@@ -33,6 +33,7 @@ __all__ = [
     "state_of",
     "require_state",
     "site_adapters",
+    "merged_sites",
     "shared_of",
     "site_key",
     "shared_key",
@@ -80,6 +81,11 @@ def site_adapters(model: nn.Module) -> Iterator[tuple[nn.Module, str, SiteAdapte
         for attr, child in host.named_children():
             if isinstance(child, SiteAdapterSet):
                 yield host, attr, child
+
+
+def merged_sites(model: nn.Module, name: str | None = None) -> list[str]:
+    """Sites where adapter ``name`` (any adapter if None) is folded into the base weight."""
+    return sorted(c.site for _, _, c in site_adapters(model) if (name in c.merged if name else c.merged))
 
 
 def shared_of(model: nn.Module, name: str) -> dict[str, SharedTensors]:

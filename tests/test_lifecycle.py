@@ -205,3 +205,16 @@ def test_peft_format_refuses_what_peft_cannot_hold_and_detects_a_mixed_checkpoin
     (tmp_path / "c" / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     with pytest.raises(pc.AdapterError, match="sha256 differs"):
         pc.load_peft_adapter(MLP(), tmp_path / "c")
+
+
+def test_safe_merge_checks_the_weight_in_its_own_dtype():
+    """A merged fp16 weight that overflows to inf is refused, though its fp32 sum is finite."""
+    m = pc.adapt(MLP().half(), pc.AdapterSpec(pc.LoRA(r=2, alpha=2), targets=["fc1"]))
+    with torch.no_grad():
+        a = m.fc1.peftcompile["default"]
+        a.lora_A.fill_(1.0)
+        a.lora_B.fill_(4e4)  # delta = 2 * 4e4 = 8e4 > fp16 max (65504), finite in fp32
+    w = m.fc1.weight.detach().clone()
+    with pytest.raises(pc.AdapterError, match="NaN/inf"):
+        pc.merge(m, safe_merge=True)
+    assert torch.equal(m.fc1.weight, w)

@@ -496,16 +496,12 @@ _CHILD = textwrap.dedent("""
     pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=4, alpha=8), targets="all-linear"))
     randomize_adapters_(m, seed=2)   # the new weights; the folder holds seed 1's
     mode = {mode!r}
-    if mode == "mid-weights":
-        import safetensors.torch as st
-        real = st.save_file
-        def half(tensors, filename, metadata=None):
-            real(tensors, filename, metadata)
-            with open(filename, "r+b") as f:
-                f.truncate(os.path.getsize(filename) // 2)
-            os._exit(9)
+    if mode == "mid-weights":  # the weights' temporary file half written, then killed
         import peftcompile.io as io
-        io.save_file = half
+        def half(file, data):
+            file.write_bytes(data[: len(data) // 2])
+            os._exit(9)
+        io._write_tmp = half
     else:
         n_before_exit = {{"before-replace": 0, "between-replaces": 1}}[mode]
         real_replace = os.replace

@@ -308,13 +308,8 @@ def _read_json_object(file: Path, fix: str) -> dict:
     return data
 
 
-_DIR_KEYS = {"format", "adapter", "spec", "sites", "groups", "weights_sha256"}
-
-
 def _read_dir(p: Path) -> AdapterFile:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    from ..io import CHECKPOINT_KEYS, read_weights
     from ..spec import AdapterSpec
 
     cfg_file = p / CONFIG_NAME
@@ -331,9 +326,9 @@ def _read_dir(p: Path) -> AdapterFile:
     for key in ("spec", "sites"):
         if key not in cfg:
             raise AdapterError(f"{cfg_file} has no key {key!r}; {fix}")
-    unknown = sorted(set(cfg) - _DIR_KEYS)
+    unknown = sorted(set(cfg) - CHECKPOINT_KEYS)
     if unknown:
-        raise AdapterError(f"{cfg_file} has unknown keys {unknown} (known: {sorted(_DIR_KEYS)}); {fix}")
+        raise AdapterError(f"{cfg_file} has unknown keys {unknown} (known: {sorted(CHECKPOINT_KEYS)}); {fix}")
     if not isinstance(cfg["sites"], dict):
         raise AdapterError(f"{cfg_file}: key 'sites' must map site -> [in, out]; {fix}")
     try:
@@ -343,10 +338,8 @@ def _read_dir(p: Path) -> AdapterFile:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise AdapterError(f"{cfg_file}: key 'spec' is not a valid AdapterSpec ({type(e).__name__}: {e}); "
                            f"{fix}") from None
-    try:
-        tensors = {k: as_numpy(v) for k, v in load_file(str(p / WEIGHTS_NAME)).items()}
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise AdapterError(f"{p / WEIGHTS_NAME} is not a readable safetensors file ({e}); {fix}") from None
+    # the same reader as load_adapters: the weights must belong to this config
+    tensors = {k: as_numpy(v) for k, v in read_weights(p, cfg).items()}
     return AdapterFile(p, "directory", tensors, spec, None)
 
 

@@ -55,7 +55,7 @@ from torch.export import Dim
 from ..api import merge_and_unload
 from ..errors import AdapterError
 from ..methods import get_method, method_for
-from ..state import adapter_params, shared_key, site_adapters, site_key, state_of
+from ..state import adapter_params, merged_sites, shared_key, site_adapters, site_key, state_of
 from ..atomic import atomic_replace_files, check_writable, temp_sibling_dir
 from .formats import (FORMAT, METADATA_KEY, ORT_ADAPTER_SPEC_SUFFIX, ORT_ADAPTER_SUFFIX, SIDECAR_SUFFIX, AdapterInput,
                       export_fingerprint, write_ort_adapter, write_sidecar)
@@ -550,7 +550,7 @@ def _check_request(model: nn.Module, path: Path, merged: bool, defaults: str, al
             f"model as it is"
         )
     if not plain and not merged:
-        bad = [c.site for _, _, c in site_adapters(model) if c.merged]
+        bad = merged_sites(model)
         if bad:
             raise AdapterError(
                 f"adapters are merged into the base weights at {bad[:4]}; an unmerged export would carry them twice. "

@@ -149,12 +149,9 @@ def _attribute_reads(root: nn.Module):
         if is_site_module(x) or type(x).__module__.startswith("torch.nn"):
             continue  # leaves: not traced into
         cls = type(x)
-        sub = _TRACKED.get(cls)
-        if sub is None:
-            sub = _TRACKED[cls] = type(cls.__name__, (cls,), {"__getattribute__": hook, "__module__": cls.__module__,
-                                                              "__qualname__": cls.__qualname__})
-        else:
-            sub.__getattribute__ = hook
+        # a fresh subclass per trace: its hook closes over this trace's ``reads``
+        sub = type(cls.__name__, (cls,), {"__getattribute__": hook, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__})
         swapped.append((x, cls))
         x.__class__ = sub
     try:
@@ -163,8 +160,6 @@ def _attribute_reads(root: nn.Module):
         for x, cls in swapped:
             x.__class__ = cls
 
-
-_TRACKED: dict[type, type] = {}
 
 
 def capture(model: nn.Module) -> Capture:
