@@ -8,6 +8,7 @@ leaves the model exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import warnings
 from collections import defaultdict
@@ -23,7 +24,8 @@ from .modules import SharedTensors, SiteAdapter, SiteAdapterSet
 from .passes.capture import capture, site_kind
 from .passes.match import Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
-from .spec import ALL_LINEAR, AdapterSpec, Placement, matches, select_modules, select_sites
+from .spec import (ALL_LINEAR, AdapterSpec, Placement, default_targets, layer_index, matches, pattern_key, select_modules,
+                   select_sites)
 from .state import (SHARED_ATTR, merged_sites, STATE_ATTR, ModelState, freeze_base_, require_state, site_adapters, state_of,
                     trainable_modules)
 
@@ -66,7 +68,11 @@ def _head_sites(model: nn.Module) -> set[str]:
 
 
 def _error_no_sites(spec: AdapterSpec, available: Sequence[str], failures: dict[str, str]) -> AdapterError:
-    msg = f"targets {spec.targets!r} matched no linear site. Available sites: {sorted(set(available))}"
+    msg = f"targets {spec.targets!r} matched no linear site"
+    if spec.layers_to_transform is not None:
+        msg += (f" in layers {list(spec.layers_to_transform)} (layers_pattern={spec.layers_pattern!r}; layer of each "
+                f"site: { {n: layer_index(n, spec.layers_pattern) for n in sorted(set(available))[:6]} })")
+    msg += f". Available sites: {sorted(set(available))}"
     if failures:
         plain = {k or "<root>": v for k, v in failures.items() if not v.startswith("HF modules")}
         if plain:
@@ -185,6 +191,8 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     if placement is not None:
         spec = spec.with_placement(placement)
     placement = spec.placement
+    if spec.targets is None:  # PEFT's default for the architecture, recorded in the adapter's spec
+        spec = dataclasses.replace(spec, targets=default_targets(model, spec.method))
     st = state_of(model)
     check_adapter_name(name)
     wrapped = _peft_wrapped(model)
@@ -241,9 +249,11 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
 
     # validate every chosen site
     first = {n: by_name[n][0] for n in chosen}
+    _check_patterns_used(spec, chosen)
+    cfg_of = {n: spec.config_for(n) for n in chosen}
     problems = []
     for n, s in first.items():
-        why = method.check_site(spec.method, s.in_features, s.out_features)
+        why = method.check_site(cfg_of[n], s.in_features, s.out_features)
         if why:
             problems.append(f"{n}: {why}")
     groups: dict[str, list[Site]] = {}
@@ -255,6 +265,13 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
                 problems.append(
                     f"group {key!r} has sites of different shapes "
                     f"{[(m.name, m.in_features, m.out_features) for m in members]}; exclude the odd ones"
+                )
+            cfgs = {cfg_of[m.name] for m in members}
+            if len(cfgs) > 1:
+                problems.append(
+                    f"group {key!r} shares tensors across {[m.name for m in members]}, but rank_pattern/alpha_pattern "
+                    f"give them different configs {sorted(map(repr, cfgs))}; give every member of a group the same "
+                    f"r and alpha"
                 )
     if problems:
         raise AdapterError(f"cannot apply {spec.method!r}:\n  " + "\n  ".join(problems))
@@ -286,7 +303,7 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
                 stacklevel=3,
             )
         w = members[0].weight(model)
-        sh = SharedTensors(spec.method, key, members[0].in_features, members[0].out_features,
+        sh = SharedTensors(cfg_of[members[0].name], key, members[0].in_features, members[0].out_features,
                            [m.name for m in members], w.dtype, w.device)
         shared[key] = sh
         for m in members:
@@ -295,10 +312,20 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     for n, s in first.items():
         w = s.weight(model)
         sh, nm = group_of.get(n, (None, 1))
-        new[n] = SiteAdapter(spec.method, n, name, s.in_features, s.out_features, w.dtype, w.device, sh, nm)
+        new[n] = SiteAdapter(cfg_of[n], n, name, s.in_features, s.out_features, w.dtype, w.device, sh, nm)
     if placement is not None:
         _warm_start(new, shared, placement)
     return AdaptPlan(name, spec, first, all_sites, dict(by_name), new, shared)
+
+
+def _check_patterns_used(spec: AdapterSpec, chosen: Sequence[str]) -> None:
+    """PEFT warns about rank/alpha patterns that match no targeted site: a typo there would
+    silently train every site at the default rank."""
+    for what in ("rank_pattern", "alpha_pattern"):
+        unused = [p for p in getattr(spec, what) or {} if not any(pattern_key({p: 0}, n) for n in chosen)]
+        if unused:
+            warnings.warn(f"{what} keys {unused} match no adapted site; sites there keep the method's default. "
+                          f"Adapted sites look like {list(chosen)[:3]}", AdapterWarning, stacklevel=4)
 
 
 def refuse_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from .api import apply_plan_, check_adapter_name, plan_adapt, set_active
 from .distributed import copy_into_, require_unsharded, unwrap, unwrapped, write_checkpoint
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
-from .methods import MethodConfig, method_for, registered_methods
+from .methods import method_for, registered_methods
 from .methods.registry import ANY
 from .passes.capture import capture
 from .passes.match import match
@@ -116,6 +116,11 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
     if spec.trainable is not None:
         raise AdapterError(f"adapter {name!r} trains modules {spec.trainable!r} in place; PEFT's modules_to_save copies "
                            f"are not written yet. Save with the default format")
+    patterns = {k: dict(getattr(spec, k)) for k in ("rank_pattern", "alpha_pattern") if getattr(spec, k)}
+    inexpressible = sorted(k for k in patterns if k not in fmt.options)
+    if inexpressible:
+        raise AdapterError(f"adapter {name!r} ({spec.method.name}) uses {inexpressible}, which PEFT's "
+                           f"{fmt.peft_type} config does not have; save with the default format")
     ours_to_peft = {ours: suffix for suffix, ours in fmt.keys.items()}
     out = {}
     for site in sites:
@@ -129,7 +134,8 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
     cfg = {"peft_type": fmt.peft_type, "task_type": None, "inference_mode": True, "bias": "none",
            "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
            "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
-           "target_modules": exact_targets(sites), **fmt.write_config(spec.method)}
+           "target_modules": exact_targets(sites), **fmt.write_config(spec.method),
+           **patterns}  # PEFT matches rank/alpha patterns by the same rule as ours
     return out, cfg
 
 
@@ -237,8 +243,8 @@ def _read_json(file: Path) -> dict:
     return d
 
 
-def _expected(model: nn.Module, cfg: MethodConfig, sites: list[str]) -> tuple[dict[str, tuple], dict[str, list[str]]]:
-    """Tensor key -> shape the model needs for ``cfg`` at ``sites``; and the groups."""
+def _expected(model: nn.Module, spec: AdapterSpec, sites: list[str]) -> tuple[dict[str, tuple], dict[str, list[str]]]:
+    """Tensor key -> shape the model needs for ``spec`` at ``sites``; and the groups."""
     by_name = {s.name: s for s in match(capture(model))}
     missing = [s for s in sites if s not in by_name]
     if missing:
@@ -246,7 +252,7 @@ def _expected(model: nn.Module, cfg: MethodConfig, sites: list[str]) -> tuple[di
             f"the adapter names sites this {type(model).__name__} does not have: {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}; it was saved from another model"
         )
-    m = method_for(cfg)
+    m = method_for(spec.method)
     groups: dict[str, list[str]] = defaultdict(list)
     if m.shares:
         for s in sites:
@@ -255,6 +261,7 @@ def _expected(model: nn.Module, cfg: MethodConfig, sites: list[str]) -> tuple[di
     shapes = {}
     for s in sites:
         site = by_name[s]
+        cfg = spec.config_for(s)
         why = m.check_site(cfg, site.in_features, site.out_features)
         if why:
             raise AdapterError(f"{s}: {why}")
@@ -262,7 +269,7 @@ def _expected(model: nn.Module, cfg: MethodConfig, sites: list[str]) -> tuple[di
             shapes[site_key(s, p)] = tuple(shp)
     for g, mem in groups.items():
         site = by_name[mem[0]]
-        for p, shp in m.shared_shapes(cfg, site.in_features, site.out_features, len(mem)).items():
+        for p, shp in m.shared_shapes(spec.config_for(mem[0]), site.in_features, site.out_features, len(mem)).items():
             shapes[shared_key(g, p)] = tuple(shp)
     return shapes, dict(groups)
 
@@ -310,7 +317,7 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
     previous = tuple(n for n in (st0.active if st0 else ()) if n != name)
     if activate is None:
         activate = not previous
-    shapes, groups = expected or _expected(model, spec.method, sites)
+    shapes, groups = expected or _expected(model, spec, sites)
     shapes = dict(shapes)
     shapes.update({k: tuple(t.shape) for k, t in trainable_params(model, spec.trainable).items()})
     _check_tensors(tensors, shapes, source)
@@ -323,10 +330,12 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
     st = state_of(model)
     if st is not None and name in st.specs:
         have = {c.site for _, _, c in site_adapters(model) if name in c}
-        if (st.specs[name].method, st.specs[name].trainable) != (spec.method, spec.trainable) or have != set(sites):
+        old = st.specs[name]
+        if (old.trainable != spec.trainable or have != set(sites)
+                or any(old.config_for(s) != spec.config_for(s) for s in sites)):
             raise AdapterError(
-                f"adapter {name!r} on the model has {st.specs[name].method!r} at {len(have)} sites; {source} has "
-                f"{spec.method!r} at {len(sites)} sites; load it under another name"
+                f"adapter {name!r} on the model has {old.method!r} at {len(have)} sites; {source} has "
+                f"{spec.method!r} at {len(sites)} sites (or other per-site ranks/alphas); load it under another name"
             )
         merged = merged_sites(model, name)
         if merged:
@@ -337,7 +346,7 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
     else:
         require_unsharded(model, f"adding adapter {name!r} (adapt before fully_shard)")
         # exact names: a recorded site "fc" must not also select "sub.fc"
-        plan = plan_adapt(model, AdapterSpec(spec.method, exact_targets(sites), trainable=spec.trainable), name)
+        plan = plan_adapt(model, spec.restricted(sites), name)
         if set(plan.sites) != set(sites):
             raise AdapterError(f"{source}: sites {sorted(set(sites) - set(plan.sites))[:4]} cannot be adapted on "
                                f"this {type(model).__name__}")
@@ -399,7 +408,7 @@ def _load_adapters(model: nn.Module, path: str | Path, name: str | None, is_trai
     if not all(isinstance(s_, str) for s_ in sites):
         raise AdapterError(f"{file}: site names must be strings, got {sites[:4]}")
     tensors = read_weights(path, cfg)
-    expected = _expected(model, spec.method, sites)  # captures the model: once per load
+    expected = _expected(model, spec, sites)  # captures the model: once per load
     groups = expected[1]
     if groups != {g: list(m) for g, m in cfg.get("groups", {}).items()}:
         raise AdapterError(
@@ -463,5 +472,9 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
                 break
         else:
             raise AdapterError(f"{peft_dir}: unexpected tensor {key!r} for PEFT type {ptype}")
-    return _install(model, name, AdapterSpec(cfg, tuple(sites)), sites, tensors, str(peft_dir), is_trainable,
-                    activate)
+    try:
+        spec = AdapterSpec(cfg, tuple(sites), rank_pattern=c.get("rank_pattern") or None,
+                           alpha_pattern=c.get("alpha_pattern") or None)
+    except AdapterError as e:
+        raise AdapterError(f"{peft_dir / CONFIG_NAME}: {e}") from None
+    return _install(model, name, spec, sites, tensors, str(peft_dir), is_trainable, activate)

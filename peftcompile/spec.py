@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -13,9 +15,10 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 
 from .errors import AdapterError, AdapterTypeError
-from .methods import MethodConfig, config_from_dict
+from .methods import MethodConfig, config_from_dict, method_for
 
-__all__ = ["AdapterSpec", "Placement", "Targets", "select_modules", "select_sites", "exact_targets"]
+__all__ = ["AdapterSpec", "Placement", "Targets", "select_modules", "select_sites", "exact_targets",
+           "default_targets", "layer_index"]
 
 Targets = Union[str, Sequence[str]]
 ALL_LINEAR = "all-linear"
@@ -48,18 +51,31 @@ class AdapterSpec:
 
     targets: a list of name suffixes (PEFT style: ``["q_proj", "v_proj"]`` matches
     ``model.layers.0.self_attn.q_proj``), a regex string matched against the full site
-    name, or ``"all-linear"`` (every linear site except the model's output head).
+    name, or ``"all-linear"`` (every linear site except the model's output head). ``None``
+    (the default): PEFT's default targets for the method and the model's architecture
+    (``model.config.model_type`` in PEFT's table, e.g. ``["q_proj", "v_proj"]`` for Llama),
+    and ``"all-linear"`` where PEFT has no default (PEFT raises there).
     exclude: same forms; removes sites from the selection.
     trainable: module names (same forms: suffixes or a regex) whose own parameters stay
     trainable and are trained in place, e.g. a new classification head (PEFT's
     ``modules_to_save``, without the per-adapter copy). They are saved with the adapter.
+    rank_pattern / alpha_pattern: PEFT's per-site overrides of the method's ``r`` /
+    ``alpha``: ``{pattern: value}``, a site takes the value of the first pattern ``p`` with
+    ``re.match(rf"(.*\.)?({p})$", site)`` (PEFT's ``get_pattern_key``).
+    layers_to_transform / layers_pattern: PEFT's layer filter: keep only sites whose layer
+    index (the number after ``layers_pattern``, e.g. ``"layers"``; by default the first
+    ``.<name>.<number>.`` in the site name) is in ``layers_to_transform`` (an int or ints).
     """
 
     method: MethodConfig
-    targets: Targets = ALL_LINEAR
+    targets: Targets | None = None
     exclude: Targets | None = None
     placement: "Placement | None" = field(default=None, compare=False)
     trainable: Targets | None = None
+    rank_pattern: Mapping[str, int] | None = None
+    alpha_pattern: Mapping[str, float] | None = None
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, MethodConfig):
@@ -70,24 +86,84 @@ class AdapterSpec:
         object.__setattr__(self, "targets", _norm(self.targets, "targets"))
         object.__setattr__(self, "exclude", _norm(self.exclude, "exclude"))
         object.__setattr__(self, "trainable", _norm(self.trainable, "trainable"))
-        if self.targets is None:
-            raise AdapterTypeError("AdapterSpec.targets must be 'all-linear', a regex or a list of module names, not None")
         for t in (self.targets, self.exclude, self.trainable):
             if isinstance(t, str) and t != ALL_LINEAR:
-                try:
-                    re.compile(t)
-                except re.error as e:
-                    raise AdapterError(f"target pattern {t!r} is not a valid regex: {e}") from None
+                _check_regex(t, "target pattern")
+        object.__setattr__(self, "rank_pattern", self._pattern("rank_pattern", "r"))
+        object.__setattr__(self, "alpha_pattern", self._pattern("alpha_pattern", "alpha"))
+        object.__setattr__(self, "layers_to_transform", _norm_layers(self.layers_to_transform))
+        lp = _norm(self.layers_pattern, "layers_pattern")
+        for pat in ([lp] if isinstance(lp, str) else lp or ()):
+            _check_regex(pat, "layers_pattern")
+        object.__setattr__(self, "layers_pattern", lp)
+        if lp and self.layers_to_transform is None:
+            raise AdapterError(f"AdapterSpec.layers_pattern={lp!r} needs layers_to_transform (the layer indices to "
+                               f"keep); it selects nothing by itself")
+
+    def _pattern(self, what: str, fld: str) -> dict | None:
+        """A validated copy of rank_pattern / alpha_pattern (None when empty)."""
+        pat = getattr(self, what)
+        if pat is None or (isinstance(pat, Mapping) and not pat):
+            return None
+        if not isinstance(pat, Mapping):
+            raise AdapterTypeError(f"AdapterSpec.{what} must map site patterns to values, got {pat!r}")
+        if fld not in {f.name for f in dataclasses.fields(self.method)}:
+            raise AdapterError(f"AdapterSpec.{what}: {type(self.method).__name__} has no {fld!r} to override; "
+                               f"remove {what}")
+        out = {}
+        for k, v in pat.items():
+            if not isinstance(k, str) or not k:
+                raise AdapterTypeError(f"AdapterSpec.{what} keys must be non-empty site patterns (str), got {k!r}")
+            _check_regex(k, f"{what} key")
+            bad = (not isinstance(v, int) or isinstance(v, bool) or v < 1) if fld == "r" else \
+                (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v == 0)
+            if bad:
+                want = "an int >= 1" if fld == "r" else "a finite, non-zero number"
+                raise AdapterError(f"AdapterSpec.{what}[{k!r}] = {v!r}: {fld} must be {want}")
+            out[k] = v
+        return out
+
+    def config_for(self, site: str) -> MethodConfig:
+        """The method config at ``site``: ``method`` with its rank/alpha patterns applied."""
+        changes = {}
+        for what, fld in (("rank_pattern", "r"), ("alpha_pattern", "alpha")):
+            key = pattern_key(getattr(self, what) or {}, site)
+            if key is not None:
+                changes[fld] = getattr(self, what)[key]
+        if not changes:
+            return self.method
+        try:
+            return dataclasses.replace(self.method, **changes)
+        except (AdapterError, ValueError, TypeError) as e:
+            raise AdapterError(f"{site}: the rank/alpha pattern gives {changes}, which {type(self.method).__name__} "
+                               f"refuses: {e}") from None
+
+    def keeps_layer(self, site: str) -> bool:
+        """PEFT's ``layers_to_transform`` filter (True when it is not set)."""
+        if self.layers_to_transform is None:
+            return True
+        idx = layer_index(site, self.layers_pattern)
+        return idx is not None and idx in self.layers_to_transform
 
     def with_placement(self, placement: "Placement") -> "AdapterSpec":
         """This spec restricted to a placement's kept sites (warm-started from its weights)."""
         if not placement.sites:
             raise AdapterError("the placement keeps no site; search again with a larger budget")
-        return AdapterSpec(self.method, exact_targets(placement.sites), None, placement, self.trainable)
+        return self.restricted(placement.sites, placement)
+
+    def restricted(self, sites: Iterable[str], placement: "Placement | None" = None) -> "AdapterSpec":
+        """This spec at exactly ``sites`` (patterns and trainable kept; target filters spent)."""
+        return dataclasses.replace(self, targets=exact_targets(sites), exclude=None, placement=placement,
+                                   layers_to_transform=None, layers_pattern=None)
 
     def to_dict(self) -> dict:
-        return {"method": self.method.to_dict(), "targets": _json_targets(self.targets),
-                "exclude": _json_targets(self.exclude), "trainable": _json_targets(self.trainable)}
+        d = {"method": self.method.to_dict(), "targets": _json_targets(self.targets),
+             "exclude": _json_targets(self.exclude), "trainable": _json_targets(self.trainable)}
+        for k in _OPTIONAL:
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = _json_targets(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "AdapterSpec":
@@ -95,11 +171,70 @@ class AdapterSpec:
         if not isinstance(d, Mapping) or not isinstance(d.get("method"), Mapping):
             raise AdapterError(f"an adapter spec needs a 'method' mapping (MethodConfig.to_dict(): {{'method': <registered name>, ...}}), "
                                f"got {d!r:.200}")
-        unknown = sorted(set(d) - {"method", "targets", "exclude", "trainable"})
+        known = {"method", "targets", "exclude", "trainable", *_OPTIONAL}
+        unknown = sorted(set(d) - known)
         if unknown:
-            raise AdapterError(f"unknown adapter spec field(s) {unknown}; known: method, targets, exclude, trainable")
+            raise AdapterError(f"unknown adapter spec field(s) {unknown}; known: {sorted(known)}")
         return cls(config_from_dict(d["method"]), d.get("targets", ALL_LINEAR), d.get("exclude"),
-                   trainable=d.get("trainable"))
+                   trainable=d.get("trainable"), **{k: d.get(k) for k in _OPTIONAL})
+
+
+_OPTIONAL = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
+
+
+def _check_regex(t: str, what: str) -> None:
+    try:
+        re.compile(t)
+    except re.error as e:
+        raise AdapterError(f"{what} {t!r} is not a valid regex: {e}") from None
+
+
+def _norm_layers(v: object) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    vals = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    try:
+        vals = tuple(vals)
+    except TypeError:
+        vals = None
+    if vals is None or not vals or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in vals):
+        raise AdapterTypeError(f"AdapterSpec.layers_to_transform must be a layer index or a non-empty list of "
+                               f"indices (ints >= 0), got {v!r}")
+    return vals
+
+
+def pattern_key(patterns: Mapping[str, object], site: str) -> str | None:
+    """The first pattern of a rank/alpha pattern that applies to ``site`` (PEFT's
+    ``get_pattern_key``: ``re.match(rf"(.*\.)?({p})$", site)``), or None."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", site):
+            return p
+    return None
+
+
+def layer_index(site: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
+    """The layer number of a site name as PEFT reads it for ``layers_to_transform``: the
+    first number after one of ``layers_pattern`` (or, without it, the first
+    ``.<name>.<number>.``); None if the name has none."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", site)
+    else:
+        m = None
+        for pat in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", site)
+            if m is not None:
+                break
+    return None if m is None else int(m.group("idx"))
+
+
+def default_targets(model: object, method: MethodConfig) -> Targets:
+    """PEFT's default targets for ``method`` on the model's architecture (its
+    ``config.model_type``), or ``"all-linear"`` where PEFT has none (plain modules,
+    architectures not in PEFT's table, methods PEFT does not have)."""
+    fmt = method_for(method).peft
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    found = fmt.default_targets(model_type) if fmt and fmt.default_targets and isinstance(model_type, str) else None
+    return tuple(found) if found else ALL_LINEAR
 
 
 def _json_targets(t: Targets | None):
@@ -126,6 +261,8 @@ def select_sites(names: Iterable[str], spec: AdapterSpec, head: set[str]) -> lis
     """The site names the spec chooses; ``head`` are excluded by ``"all-linear"``."""
     out = []
     for n in names:
+        if not spec.keeps_layer(n):
+            continue
         if spec.targets == ALL_LINEAR:
             if n in head:
                 continue

@@ -59,6 +59,7 @@ def loss_of(model_name, model, b, target=None):
 
 
 def spec(method: str, **kw):
+    kw.setdefault("targets", "all-linear")  # the default would be PEFT's per-architecture targets
     return pc.AdapterSpec(METHODS[method](), **kw)
 
 

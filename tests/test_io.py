@@ -182,10 +182,10 @@ def test_load_peft_adapter_matches_peftmodel(tmp_path, case):
 def test_peft_unsupported_option(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_rslora=True)).save_pretrained(tmp_path)
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path)
     m = tiny_llama()
     snap = snapshot(m)
-    with pytest.raises(pc.AdapterError, match="use_rslora"):
+    with pytest.raises(pc.AdapterError, match="use_dora"):
         pc.load_peft_adapter(m, tmp_path)
     assert_unchanged(m, snap)
 

@@ -33,7 +33,7 @@ def test_group_key(site, key):
 def test_grouping_on_hf_models(factory, n_groups, L):
     m = factory()
     with pytest.warns(UserWarning, match="single site") if factory is tiny_bert else _no_warning():
-        pc.adapt(m, pc.AdapterSpec(pc.RaSA(r=4, k=1, alpha=8)))
+        pc.adapt(m, pc.AdapterSpec(pc.RaSA(r=4, k=1, alpha=8), targets="all-linear"))
     groups = {}
     for a in adapters(m).values():
         groups.setdefault(a.group, set()).add(a.site)

@@ -366,8 +366,8 @@ def _peft_checkpoint(tmp_path: Path, **cfg_edits) -> Path:
 @pytest.mark.parametrize("edit,match", [
     ({"use_dora": True}, "use_dora=True"),
     ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens"),
-    ({"use_rslora": True}, "use_rslora=True"),
-    ({"rank_pattern": {"fc1": 4}}, "rank_pattern"),
+    ({"lora_bias": True}, "lora_bias=True"),
+    ({"layer_replication": [[0, 1]]}, "layer_replication"),
     ({"bias": "all"}, "bias='all'"),
     ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
     ({"some_future_option": 1}, "some_future_option"),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import copy
+import dataclasses
 import math
 import warnings
 from collections import defaultdict
@@ -42,7 +43,7 @@ from ..state import SHARED_ATTR, site_adapters
 from ..state import state_of
 from ..methods import method_for
 from ..modules import SharedTensors, SiteAdapter
-from ..spec import AdapterSpec, Placement
+from ..spec import ALL_LINEAR, AdapterSpec, Placement
 from .loop import (
     BiLevelSearch,
     LossFn,
@@ -137,7 +138,10 @@ class DiffoRASearch:
         if not isinstance(spec, AdapterSpec):
             raise SearchInputError(f"spec must be a peftcompile.AdapterSpec, got {type(spec).__name__}")
         self.budget = _check_budget(budget)
-        self.spec = AdapterSpec(spec.method, spec.targets, spec.exclude)  # candidates: targets, not a placement
+        # candidates: the targets (every linear site when omitted: the search decides where),
+        # with the spec's per-site ranks; not a placement
+        self.spec = dataclasses.replace(spec, targets=ALL_LINEAR if spec.targets is None else spec.targets,
+                                        placement=None)
         self.method = method_for(spec.method)
         self.model = copy.deepcopy(model)
         before = adapters_of(self.model)
@@ -243,17 +247,16 @@ class DiffoRASearch:
 
     def _check_shapes(self, weights, shared, by_group) -> None:
         """What adapt will build for the kept sites must match what we hand it."""
-        cfg = self.spec.method
         n_of = {s: len(m) for m in by_group.values() for s in m}
         for s, t in list(weights.items()):
             a = self.adapters[s]
-            want = self.method.shapes(cfg, a.in_features, a.out_features, n_of.get(s, 1))
+            want = self.method.shapes(self.spec.config_for(s), a.in_features, a.out_features, n_of.get(s, 1))
             bad = {p for p, x in t.items() if tuple(x.shape) != tuple(want.get(p, ()))}
             if bad:  # only reachable for sharing methods without a shrink rule
                 weights[s] = {p: x for p, x in t.items() if p not in bad}
         for g, t in shared.items():
             a = self.adapters[by_group[g][0]]
-            want = self.method.shared_shapes(cfg, a.in_features, a.out_features, len(by_group[g]))
+            want = self.method.shared_shapes(self.spec.config_for(by_group[g][0]), a.in_features, a.out_features, len(by_group[g]))
             for p, x in t.items():
                 if tuple(x.shape) != tuple(want[p]):
                     raise AssertionError(f"internal: shared {g}.{p} is {tuple(x.shape)}, adapt needs {want[p]}")

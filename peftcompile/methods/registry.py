@@ -160,6 +160,9 @@ class PeftFormat:
     #: A field not listed, or a value not allowed, is refused by name: loading it as the
     #: plain method would give wrong outputs silently (DoRA, rsLoRA, aLoRA, rank patterns...).
     options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    #: model_type -> PEFT's default target modules for this method (``target_modules`` omitted),
+    #: or None where PEFT has no default. A callable so that importing peft stays lazy.
+    default_targets: Callable[[str], "list[str] | None"] | None = None
 
 
 #: PeftFormat.options value: any value of that field is honoured (it does not change the math).

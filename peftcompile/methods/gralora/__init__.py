@@ -58,9 +58,15 @@ def _to_peft(cfg: GraLoRA) -> dict:
 _PEFT_OPTIONS = {
     **{k: ANY for k in ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                         "revision", "inference_mode", "r", "hybrid_r", "target_modules", "alpha", "gralora_dropout",
-                        "gralora_k", "fan_in_fan_out", "init_weights", "layers_pattern")},
-    "bias": ("none",), "modules_to_save": (None,), "layers_to_transform": (None,),
+                        "gralora_k", "fan_in_fan_out", "init_weights", "layers_pattern", "layers_to_transform")},
+    "bias": ("none",), "modules_to_save": (None,),
 }
+
+
+def _default_targets(model_type: str) -> list[str] | None:
+    from peft.utils import constants
+
+    return getattr(constants, "TRANSFORMERS_MODELS_TO_GRALORA_TARGET_MODULES_MAPPING", {}).get(model_type)
 
 
 register_method(
@@ -85,6 +91,7 @@ register_method(
             _from_peft,
             _to_peft,
             _PEFT_OPTIONS,
+            _default_targets,
         ),
         as_lora=gralora_as_lora,
     )

@@ -26,29 +26,39 @@ def _stack(emit, x, w, b, pcs):
 
 
 def _from_peft(c: dict) -> LoRA:
-    return LoRA(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)))
+    return LoRA(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)),
+                use_rslora=bool(c.get("use_rslora", False)))
 
 
 def _to_peft(cfg: LoRA) -> dict:
-    return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout}
+    return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora}
 
 
 # PEFT 0.21 LoraConfig fields: ANY = does not change the loaded math; a tuple = the values we
-# implement exactly. Everything else (DoRA, rsLoRA, aLoRA, patterns, bias, weight-modifying
-# inits such as PiSSA/OLoRA/LoftQ/CorDA, target_parameters, ...) is refused by name.
+# implement exactly. Everything else (DoRA, aLoRA, bias, weight-modifying inits such as
+# PiSSA/OLoRA/LoftQ/CorDA, target_parameters, ...) is refused by name. rank_pattern /
+# alpha_pattern become the spec's own (same matching rule); layers_to_transform/layers_pattern
+# only chose the sites, which the checkpoint's tensors name.
 _PEFT_OPTIONS = {
     **{k: ANY for k in ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                         "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
                         "lora_dropout", "fan_in_fan_out", "megatron_core", "qalora_group_size", "runtime_config",
-                        "layers_pattern", "ensure_weight_tying", "eva_config")},
+                        "layers_pattern", "ensure_weight_tying", "eva_config", "rank_pattern", "alpha_pattern",
+                        "layers_to_transform")},
     "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
-    "bias": ("none",), "use_rslora": (False,), "use_dora": (False,), "use_qalora": (False,), "lora_bias": (False,),
-    "modules_to_save": (None,), "layers_to_transform": (None,), "rank_pattern": ({},), "alpha_pattern": ({},),
+    "bias": ("none",), "use_rslora": (False, True), "use_dora": (False,), "use_qalora": (False,), "lora_bias": (False,),
+    "modules_to_save": (None,),
     "megatron_config": (None,), "trainable_token_indices": (None,), "loftq_config": ({},), "corda_config": (None,),
     "lora_ga_config": (None,), "velora_config": (None,), "alora_invocation_tokens": (None,),
     "monteclora_config": (None,), "layer_replication": (None,), "target_parameters": (None,),
     "use_bdlora": (None,), "arrow_config": (None,), "kasa_config": (None,),
 }
+
+
+def _default_targets(model_type: str) -> list[str] | None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+
+    return table.get(model_type)
 
 
 register_method(
@@ -63,7 +73,7 @@ register_method(
         lowering=Lowering(shapes_check(lora_shapes), _lower, _stack),
         rank_axes={"lora_A": (0,), "lora_B": (1,)},
         peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, _from_peft, _to_peft,
-                        _PEFT_OPTIONS),
+                        _PEFT_OPTIONS, _default_targets),
         as_lora=lora_as_lora,
     )
 )

@@ -1,11 +1,14 @@
-"""LoRA config and reference math: delta(x) = s * (x @ A.T) @ B.T, dW = s * B @ A, s = alpha / r."""
+"""LoRA config and reference math: delta(x) = s * (x @ A.T) @ B.T, dW = s * B @ A, s = alpha / r
+(rank-stabilised LoRA, ``use_rslora``: s = alpha / sqrt(r))."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from ...errors import AdapterTypeError
 from ..lowrank import lowrank, lowrank_weight
 from ..registry import MethodConfig, Params, kaiming_
 
@@ -14,18 +17,22 @@ __all__ = ["LoRA", "lora_delta", "lora_delta_weight", "lora_shapes", "lora_init"
 
 @dataclass(frozen=True)
 class LoRA(MethodConfig):
-    """Low-rank adapter: A [r, in] (kaiming), B [out, r] (zeros), scaling alpha / r."""
+    """Low-rank adapter: A [r, in] (kaiming), B [out, r] (zeros), scaling alpha / r, or
+    alpha / sqrt(r) with ``use_rslora`` (Kalajdzievski 2023; PEFT's ``use_rslora``)."""
 
     r: int = field(default=8, metadata={"help": "rank"})
     alpha: float = field(default=16.0, metadata={"help": "scaling numerator"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    use_rslora: bool = field(default=False, metadata={"help": "scaling alpha / sqrt(r) instead of alpha / r"})
 
     def __post_init__(self) -> None:
         super().__post_init__()  # r, alpha, dropout
+        if not isinstance(self.use_rslora, bool):
+            raise AdapterTypeError(f"LoRA: use_rslora must be True or False, got {self.use_rslora!r}")
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
 def lora_shapes(cfg: LoRA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple[int, ...]]:
