@@ -24,6 +24,7 @@ from .api import (
     unmerge,
 )
 from .io import load_adapters, load_peft_adapter, save_adapters
+from .weighted import add_weighted_adapter
 from . import backend  # noqa: E402,F401  registers torch.compile(backend="peftcompile")
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "unmerge",
     "unload",
     "delete_adapter",
+    "add_weighted_adapter",
     "disable_adapter_layers",
     "enable_adapter_layers",
     "get_base_model_state_dict",

@@ -90,6 +90,11 @@ class Method:
     peft: the PEFT checkpoint format this method reads (and, with ``write_config``, writes).
     as_lora(params, cfg) -> (A [R, in], B [out, R]): the same delta as a plain LoRA pair,
         exactly, scaling folded into B (``delta(x) == (x @ A.T) @ B.T``).
+    factors(params, cfg) -> (A [r, in], B [out, r], scaling): when the delta is literally
+        ``scaling * (x @ A.T) @ B.T`` of the method's own parameters (PEFT's ``linear``
+        weighted combination mixes these factors, not the deltas).
+    from_factors(A [R, in], B [out, R]) -> (cfg, params): an adapter of this method whose
+        delta is exactly ``(x @ A.T) @ B.T`` (weighted combinations are built in this form).
     """
 
     name: str
@@ -108,6 +113,8 @@ class Method:
     zero_rank_default: bool = True
     peft: "PeftFormat | None" = None
     as_lora: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    factors: Callable[..., tuple[torch.Tensor, torch.Tensor, float]] | None = None
+    from_factors: Callable[..., tuple[MethodConfig, dict[str, torch.Tensor]]] | None = None
 
     @property
     def shares(self) -> bool:

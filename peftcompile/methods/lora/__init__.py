@@ -75,5 +75,8 @@ register_method(
         peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, _from_peft, _to_peft,
                         _PEFT_OPTIONS, _default_targets),
         as_lora=lora_as_lora,
+        factors=lambda p, cfg: (p["lora_A"], p["lora_B"], cfg.scaling),
+        # alpha = r: scaling 1, so the factors are stored as given
+        from_factors=lambda A, B: (LoRA(r=A.shape[0], alpha=float(A.shape[0])), {"lora_A": A, "lora_B": B}),
     )
 )
