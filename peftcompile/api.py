@@ -182,12 +182,21 @@ class AdaptPlan:
     shared: dict[str, SharedTensors]
 
 
+def adapter_dtype(base: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of new adapter tensors on a base weight of dtype ``base``: float32 on a
+    float16/bfloat16 base with ``autocast_adapter_dtype`` (PEFT's default: low-precision
+    adapters train poorly and round their small deltas), else the base's own dtype."""
+    return torch.float32 if autocast_adapter_dtype and base in (torch.float16, torch.bfloat16) else base
+
+
 def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
-               placement: Placement | None = None) -> AdaptPlan:
+               placement: Placement | None = None, autocast_adapter_dtype: bool = True) -> AdaptPlan:
     """Capture, match, select, validate and build the new adapter modules (pure: the model
     is only read). Raises :class:`AdapterError` for anything ``adapt`` could not honour."""
     if not isinstance(spec, AdapterSpec):
         raise TypeError(f"spec must be a peftcompile.AdapterSpec, got {type(spec).__name__}")
+    if not isinstance(autocast_adapter_dtype, bool):
+        raise AdapterTypeError(f"autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r}")
     if placement is not None:
         spec = spec.with_placement(placement)
     placement = spec.placement
@@ -304,7 +313,7 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
             )
         w = members[0].weight(model)
         sh = SharedTensors(cfg_of[members[0].name], key, members[0].in_features, members[0].out_features,
-                           [m.name for m in members], w.dtype, w.device)
+                           [m.name for m in members], adapter_dtype(w.dtype, autocast_adapter_dtype), w.device)
         shared[key] = sh
         for m in members:
             group_of[m.name] = (sh, len(members))
@@ -312,7 +321,8 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     for n, s in first.items():
         w = s.weight(model)
         sh, nm = group_of.get(n, (None, 1))
-        new[n] = SiteAdapter(cfg_of[n], n, name, s.in_features, s.out_features, w.dtype, w.device, sh, nm)
+        new[n] = SiteAdapter(cfg_of[n], n, name, s.in_features, s.out_features,
+                             adapter_dtype(w.dtype, autocast_adapter_dtype), w.device, sh, nm)
     if placement is not None:
         _warm_start(new, shared, placement)
     return AdaptPlan(name, spec, first, all_sites, dict(by_name), new, shared)
@@ -373,17 +383,20 @@ def apply_plan_(model: nn.Module, plan: AdaptPlan) -> nn.Module:
 
 
 def adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
-          placement: Placement | None = None) -> nn.Module:
+          placement: Placement | None = None, autocast_adapter_dtype: bool = True) -> nn.Module:
     """Rewrite the chosen linear sites of ``model`` into ``base(x) + delta(x)``.
 
     Returns the same object (an HF model stays an HF model). Base parameters are
     frozen, the new adapter is trainable and becomes the active one. Calling again
     with another ``name`` adds a second adapter. ``placement`` (or
     ``spec.with_placement``) restricts to decided sites and warm-starts from its weights.
+    ``autocast_adapter_dtype`` (PEFT's default, True): adapters on a float16/bfloat16 base
+    are kept in float32 (the delta is computed in float32 and added in the base dtype).
     Plan (:func:`plan_adapt`: everything that can fail) runs before apply, so a bad spec
     leaves the model exactly as it was.
     """
-    return apply_plan_(model, plan_adapt(model, spec, name, placement=placement))
+    return apply_plan_(model, plan_adapt(model, spec, name, placement=placement,
+                                         autocast_adapter_dtype=autocast_adapter_dtype))
 
 
 def _key(group: str) -> str:

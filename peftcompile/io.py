@@ -307,7 +307,8 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tup
 
 def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
              tensors: Mapping[str, torch.Tensor], source: str, is_trainable: bool | None = None,
-             activate: bool | None = None, expected: tuple[dict, dict] | None = None) -> nn.Module:
+             activate: bool | None = None, expected: tuple[dict, dict] | None = None,
+             autocast_adapter_dtype: bool = True) -> nn.Module:
     check_adapter_name(name)
     for arg, v in (("is_trainable", is_trainable), ("activate", activate)):
         if v is not None and not isinstance(v, bool):
@@ -346,7 +347,7 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
     else:
         require_unsharded(model, f"adding adapter {name!r} (adapt before fully_shard)")
         # exact names: a recorded site "fc" must not also select "sub.fc"
-        plan = plan_adapt(model, spec.restricted(sites), name)
+        plan = plan_adapt(model, spec.restricted(sites), name, autocast_adapter_dtype=autocast_adapter_dtype)
         if set(plan.sites) != set(sites):
             raise AdapterError(f"{source}: sites {sorted(set(sites) - set(plan.sites))[:4]} cannot be adapted on "
                                f"this {type(model).__name__}")
@@ -364,7 +365,8 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
 
 
 def load_adapters(model: nn.Module, path: str | Path, name: str | None = None, *,
-                  is_trainable: bool | None = None, activate: bool | None = None) -> nn.Module:
+                  is_trainable: bool | None = None, activate: bool | None = None,
+                  autocast_adapter_dtype: bool = True) -> nn.Module:
     """Load an adapter written by save_adapters (adapting the model if needed).
 
     As in PEFT: a new adapter is loaded for inference (frozen) unless ``is_trainable=True``
@@ -375,14 +377,16 @@ def load_adapters(model: nn.Module, path: str | Path, name: str | None = None, *
     If ``model`` already has an adapter of that name with the same spec and sites, its
     weights are replaced in place (no retrace, no recompile). Wrapped and FSDP2-sharded
     models work: each rank reads the full tensors and keeps its shard (any world size).
+    A new adapter's tensors follow :func:`~peftcompile.adapt`'s ``autocast_adapter_dtype``
+    (float32 on a 16-bit base by default, as PEFT), whatever dtype the file holds.
     """
     with unwrapped(model, writeback=True) as inner:
-        _load_adapters(inner, path, name, is_trainable, activate)
+        _load_adapters(inner, path, name, is_trainable, activate, autocast_adapter_dtype)
     return model
 
 
 def _load_adapters(model: nn.Module, path: str | Path, name: str | None, is_trainable: bool | None,
-                   activate: bool | None) -> nn.Module:
+                   activate: bool | None, autocast_adapter_dtype: bool = True) -> nn.Module:
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter directory not found: {path} (save_adapters writes a directory with "
@@ -415,7 +419,8 @@ def _load_adapters(model: nn.Module, path: str | Path, name: str | None, is_trai
             f"{path}: shared tensors were saved for groups {sorted(cfg.get('groups', {}))} but the sites group "
             f"as {sorted(groups)} on this model"
         )
-    return _install(model, name, spec, sites, tensors, str(path), is_trainable, activate, expected)
+    return _install(model, name, spec, sites, tensors, str(path), is_trainable, activate, expected,
+                    autocast_adapter_dtype)
 
 
 def _peft_formats() -> dict[str, tuple[str, object]]:
@@ -440,7 +445,8 @@ def _check_peft_options(c: dict, options: Mapping[str, object], source: Path) ->
 
 
 def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "default", *,
-                      is_trainable: bool | None = None, activate: bool | None = None) -> nn.Module:
+                      is_trainable: bool | None = None, activate: bool | None = None,
+                      autocast_adapter_dtype: bool = True) -> nn.Module:
     """Load an adapter written by PEFT's ``save_pretrained`` (the methods with a PEFT format).
 
     Outputs then equal PEFT's ``PeftModel`` on the same base model and inputs.
@@ -477,4 +483,5 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
                            alpha_pattern=c.get("alpha_pattern") or None)
     except AdapterError as e:
         raise AdapterError(f"{peft_dir / CONFIG_NAME}: {e}") from None
-    return _install(model, name, spec, sites, tensors, str(peft_dir), is_trainable, activate)
+    return _install(model, name, spec, sites, tensors, str(peft_dir), is_trainable, activate,
+                    autocast_adapter_dtype=autocast_adapter_dtype)

@@ -101,11 +101,17 @@ def test_identity_grads_and_training(model_name, method):
 
 @pytest.mark.parametrize("model_name", ["mlp", "llama", "gpt2", "bert"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_keeps_dtype(model_name, dtype):
+@pytest.mark.parametrize("autocast", [True, False])
+def test_half_precision_keeps_dtype(model_name, dtype, autocast):
+    """The base keeps its dtype; adapters are float32 (PEFT's autocast_adapter_dtype) unless
+    asked to follow the base; outputs keep the base dtype."""
     model = make(model_name, dtype).eval()
-    pc.adapt(model, spec("gralora"))
+    pc.adapt(model, spec("gralora"), autocast_adapter_dtype=autocast)
     randomize_adapters_(model, std=0.05)
-    assert all(p.dtype == dtype for p in model.parameters())
+    adapter_ids = {id(p) for p in pc.state.adapter_params(model, "default").values()}
+    assert adapter_ids
+    assert all(p.dtype == dtype for p in model.parameters() if id(p) not in adapter_ids)
+    assert {p.dtype for p in model.parameters() if id(p) in adapter_ids} == {torch.float32 if autocast else dtype}
     b = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch(model_name).items()}
     y = out(model, b)
     assert y.dtype == dtype and torch.isfinite(y).all()

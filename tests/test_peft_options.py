@@ -345,3 +345,43 @@ def test_diffora_search_keeps_per_site_ranks_and_searches_all_linear_by_default(
     for _, _, c in site_adapters(m):
         assert c["default"].lora_A.shape[0] == (4 if c.site.endswith("down_proj") else 2)
         assert torch.equal(c["default"].lora_A, p.weights[c.site]["lora_A"])  # warm-started at its own rank
+
+
+# ------------------------------------------------------------------ adapter dtype policy
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_adapters_are_float32_on_a_16bit_base_like_peft(tmp_path, dtype):
+    """PEFT's autocast_adapter_dtype=True: float32 adapters on a 16-bit base, by default and
+    when loading; the output error against a float64 reference (same rounded base weights)
+    stays within 2x PEFT's own plus one rounding of the output."""
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    pm = peft.get_peft_model(copy.deepcopy(base).to(dtype),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    pm.eval().save_pretrained(tmp_path)
+    ours = copy.deepcopy(base).to(dtype)
+    pc.load_peft_adapter(ours, tmp_path)
+    kinds = {(("peftcompile" in n), p.dtype) for n, p in ours.named_parameters()}
+    assert kinds == {(True, torch.float32), (False, dtype)}
+    assert {p.dtype for n, p in pm.named_parameters() if "lora_" in n} == {torch.float32}
+    ref = copy.deepcopy(base).double()
+    pc.load_peft_adapter(ref, tmp_path)
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), ours.parameters()):
+            p.copy_(q.double())
+    x = ids(2)
+    want = logits(ref, x)
+    e_peft = (logits(pm, x).double() - want).abs().max().item()
+    e_ours = (logits(ours, x).double() - want).abs().max().item()
+    ulp = want.abs().max().item() * torch.finfo(dtype).eps
+    assert e_ours <= 2 * e_peft + ulp, (e_ours, e_peft)
+    # merging a float32 adapter into the 16-bit weight keeps W's dtype and the outputs
+    y = logits(ours, x)
+    pc.merge(ours)
+    assert all(p.dtype == dtype for n, p in ours.named_parameters() if "peftcompile" not in n)
+    assert (logits(ours, x).double() - y.double()).abs().max().item() <= 8 * ulp
+    # autocast_adapter_dtype=False follows the base dtype
+    m = copy.deepcopy(base).to(dtype)
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["q_proj"]), autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in m.named_parameters() if "peftcompile" in n} == {dtype}
+    with pytest.raises(AdapterTypeError, match="autocast_adapter_dtype"):
+        pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["q_proj"]), "b", autocast_adapter_dtype="yes")
