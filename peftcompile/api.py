@@ -18,6 +18,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .copies import add_copies_, drop_copies_, original, owners_for, set_original_, sync_
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import Method, method_for
 from .modules import SharedTensors, SiteAdapter, SiteAdapterSet
@@ -377,6 +378,7 @@ def apply_plan_(model: nn.Module, plan: AdaptPlan) -> nn.Module:
         _rewrite(model, unit_path, plan.all_sites)
         st.units.add(unit_path)
     st.specs[name] = plan.spec
+    add_copies_(model, name)
     freeze_base_(model)
     set_active(model, name)
     return model
@@ -451,6 +453,7 @@ def set_active(model: nn.Module, names: str | Sequence[str], *, inference_mode: 
         if any(n in cont.merged for n in cont.active if n not in names):
             raise AdapterError(f"{cont.site}: adapter(s) {list(cont.merged)} are merged; unmerge(model) before "
                                f"switching away from a merged adapter")
+    owners_for(model, names, disabled=False)  # two active adapters training one module: refused here
     if inference_mode is not None:
         st.frozen = (st.frozen | set(names)) if inference_mode else (st.frozen - set(names))
     training = {n for n in names if n not in st.frozen}
@@ -476,6 +479,7 @@ def set_active(model: nn.Module, names: str | Sequence[str], *, inference_mode: 
                 for p in m.parameters():
                     if id(p) not in adapter_ids:
                         p.requires_grad_(True)
+    sync_(model)  # trainable modules hold the new active adapter's own values
 
 
 def _modules(model: nn.Module, patterns) -> list[nn.Module]:
@@ -499,11 +503,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         unmerge(model)
     for c in conts:
         c.disabled = True
+    sync_(model)  # trainable modules hold their original values
     try:
         yield model
     finally:
         for c, was_disabled, was_merged in previous:
             c.disabled = was_disabled
+        sync_(model)
         if any(m for _, _, m in previous):
             _merge_sites(model, {id(c): m for c, _, m in previous})
 
@@ -631,6 +637,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if root is not None and name in root:
         del root[name]
     spec = st.specs.pop(name)
+    drop_copies_(model, name)
     set_active(model, remaining_active)
     if spec.trainable is not None:  # its modules train only with an active adapter that names them
         freeze_base_(model)
@@ -659,6 +666,7 @@ def _remove_all(model: nn.Module, st: ModelState) -> None:
         delattr(host, attr)
     if hasattr(model, SHARED_ATTR):
         delattr(model, SHARED_ATTR)
+    drop_copies_(model)  # trainable modules keep the values they hold (PEFT keeps the active copy)
     for path in st.units:
         restore_unit_(model.get_submodule(path))
     for k, p in model.named_parameters():
@@ -676,6 +684,7 @@ def disable_adapter_layers(model: nn.Module) -> None:
         raise AdapterError(f"adapters are merged at {merged[:3]}; unmerge(model) before disabling them")
     for _, _, c in site_adapters(model):
         c.disabled = True
+    sync_(model)
 
 
 def enable_adapter_layers(model: nn.Module) -> None:
@@ -683,6 +692,7 @@ def enable_adapter_layers(model: nn.Module) -> None:
     require_state(model)
     for _, _, c in site_adapters(model):
         c.disabled = False
+    sync_(model)
 
 
 def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -694,6 +704,9 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if root is not None:
         adapter_ids |= {id(t) for t in root.state_dict(keep_vars=True).values()}
     out = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if id(v) not in adapter_ids}
+    st = require_state(model)
+    for key, (_, module, pname) in st.copy_names.items():
+        out[f"{module}.{pname}".lstrip(".")] = original(model, key).detach()  # not an adapter's trained values
     path_of = {id(m): n for n, m in model.named_modules()}
     for host, _, cont in site_adapters(model):
         if cont.merged:
@@ -720,9 +733,14 @@ def set_base_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
         raise AdapterError(f"state_dict does not fit the base model: missing {missing[:4]}, unexpected {extra[:4]}, "
                            f"shape mismatch {wrong[:4]}")
     live = model.state_dict(keep_vars=True)
+    st = require_state(model)
+    copied = {f"{module}.{pname}".lstrip("."): key for key, (_, module, pname) in st.copy_names.items()}
     with torch.no_grad():
         for k, v in state_dict.items():
-            live[k].copy_(v)
+            if k in copied:
+                set_original_(model, copied[k], v, live[k])
+            else:
+                live[k].copy_(v)
 
 
 @dataclass

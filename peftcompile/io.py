@@ -31,8 +31,9 @@ from .methods import method_for, registered_methods
 from .methods.registry import ANY
 from .passes.capture import capture
 from .passes.match import match
-from .spec import AdapterSpec, exact_targets
-from .state import (checkpoint_params, merged_sites, require_state, shared_key, shared_of, site_adapters, site_key, state_of,
+from .spec import AdapterSpec, exact_targets, select_modules
+from .copies import checkpoint_params
+from .state import (merged_sites, split_trainable_key, trainable_key, require_state, shared_key, shared_of, site_adapters, site_key, state_of,
                     trainable_params)
 
 __all__ = ["save_adapters", "load_adapters", "load_peft_adapter", "read_weights", "tensor_mismatch", "WEIGHTS_NAME",
@@ -113,9 +114,6 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
         have = sorted(n for n, m in registered_methods().items() if m.peft is not None and m.peft.write_config)
         raise AdapterError(f"adapter {name!r} ({spec.method.name}) has no PEFT format; format='peft' supports {have}. "
                            f"Use the default format")
-    if spec.trainable is not None:
-        raise AdapterError(f"adapter {name!r} trains modules {spec.trainable!r} in place; PEFT's modules_to_save copies "
-                           f"are not written yet. Save with the default format")
     patterns = {k: dict(getattr(spec, k)) for k in ("rank_pattern", "alpha_pattern") if getattr(spec, k)}
     inexpressible = sorted(k for k in patterns if k not in fmt.options)
     if inexpressible:
@@ -128,11 +126,17 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
             key = site_key(site, param)
             if key in tensors:
                 out[f"base_model.model.{site}.{suffix}"] = tensors.pop(key)
+    # trainable modules: PEFT's modules_to_save, stored under the module's own name
+    modules = sorted({split_trainable_key(k)[0] for k in tensors} - {None})
+    for key in [k for k in tensors if split_trainable_key(k)[0] is not None]:
+        module, param = split_trainable_key(key)
+        out[f"base_model.model.{module}.{param}"] = tensors.pop(key)
     if tensors:
         raise AdapterError(f"adapter {name!r}: tensors {sorted(tensors)[:4]} have no PEFT key; save with the "
                            f"default format")
     cfg = {"peft_type": fmt.peft_type, "task_type": None, "inference_mode": True, "bias": "none",
-           "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+           "fan_in_fan_out": False, "modules_to_save": modules or None, "layers_to_transform": None,
+           "layers_pattern": None,
            "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
            "target_modules": exact_targets(sites), **fmt.write_config(spec.method),
            **patterns}  # PEFT matches rank/alpha patterns by the same rule as ours
@@ -466,6 +470,10 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
         raise AdapterError(f"{peft_dir / CONFIG_NAME}: cannot read the {ptype} config ({type(e).__name__}: {e})") from None
     suffixes = fmt.keys
     raw = read_weights(peft_dir, c)
+    to_save = c.get("modules_to_save") or None
+    if to_save is not None and (isinstance(to_save, str) or not all(isinstance(m, str) and m for m in to_save)):
+        raise AdapterError(f"{peft_dir / CONFIG_NAME}: modules_to_save must be a list of module names, got {to_save!r}")
+    saved = set(select_modules((n for n, _ in model.named_modules()), tuple(to_save))) if to_save else set()
     tensors, sites = {}, []
     for key, t in raw.items():
         k = key.removeprefix("base_model.model.")
@@ -477,10 +485,16 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
                     sites.append(site)
                 break
         else:
-            raise AdapterError(f"{peft_dir}: unexpected tensor {key!r} for PEFT type {ptype}")
+            module = next((m for m in saved if k.startswith(m + ".")), None)
+            if module is None:
+                raise AdapterError(f"{peft_dir}: unexpected tensor {key!r} for PEFT type {ptype}"
+                                   + (f" (modules_to_save {to_save} select {sorted(saved)} on this model)"
+                                      if to_save else ""))
+            tensors[trainable_key(module, k[len(module) + 1:])] = t
     try:
         spec = AdapterSpec(cfg, tuple(sites), rank_pattern=c.get("rank_pattern") or None,
-                           alpha_pattern=c.get("alpha_pattern") or None)
+                           alpha_pattern=c.get("alpha_pattern") or None,
+                           trainable=tuple(sorted(saved)) if saved else None)
     except AdapterError as e:
         raise AdapterError(f"{peft_dir / CONFIG_NAME}: {e}") from None
     return _install(model, name, spec, sites, tensors, str(peft_dir), is_trainable, activate,

@@ -57,8 +57,9 @@ class AdapterSpec:
     and ``"all-linear"`` where PEFT has no default (PEFT raises there).
     exclude: same forms; removes sites from the selection.
     trainable: module names (same forms: suffixes or a regex) whose own parameters stay
-    trainable and are trained in place, e.g. a new classification head (PEFT's
-    ``modules_to_save``, without the per-adapter copy). They are saved with the adapter.
+    trainable, e.g. a new classification head (PEFT's ``modules_to_save``): each adapter
+    has its own copy of their values, swapped into the same parameters when adapters are
+    switched or disabled (``peftcompile.copies``); they are saved with the adapter.
     rank_pattern / alpha_pattern: PEFT's per-site overrides of the method's ``r`` /
     ``alpha``: ``{pattern: value}``, a site takes the value of the first pattern ``p`` with
     ``re.match(rf"(.*\.)?({p})$", site)`` (PEFT's ``get_pattern_key``).

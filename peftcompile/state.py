@@ -11,8 +11,8 @@ What ``adapt`` leaves on a model, and the only code that reads or writes it:
 
 One key scheme names every adapter tensor, in checkpoints and in ONNX graph inputs alike:
 ``<site>.<param>``, ``shared.<group>.<param>`` and ``trainable.<module>.<param>`` (modules the
-spec trains fully). :func:`adapter_params` and :func:`checkpoint_params` are the only walks
-that build these keys.
+spec trains fully). :func:`adapter_params`, :func:`trainable_params` (and ``copies.checkpoint_params`` on top)
+are the only walks that build these keys.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ __all__ = [
     "site_key",
     "shared_key",
     "trainable_key",
+    "split_trainable_key",
     "adapter_params",
     "trainable_params",
-    "checkpoint_params",
     "trainable_modules",
     "freeze_base_",
 ]
@@ -58,6 +58,10 @@ class ModelState:
     units: set[str] = field(default_factory=set)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     frozen: set[str] = field(default_factory=set)  # adapters in inference mode: active but not trainable
+    # per-adapter copies of trainable modules (copies.py): trainable key -> the adapter whose
+    # values the parameter holds now (None: the original); key -> (buffer, module, param)
+    live: dict[str, str | None] = field(default_factory=dict)
+    copy_names: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
 
 def state_of(model: nn.Module) -> ModelState | None:
@@ -108,6 +112,15 @@ def trainable_key(module: str, param: str) -> str:
     return f"trainable.{module}.{param}"
 
 
+def split_trainable_key(key: str) -> tuple[str | None, str | None]:
+    """(module, param) of a ``trainable.<module>.<param>`` key; (None, None) for other keys.
+    Parameter names of a module's own (non-nested) parameters have no dots."""
+    if not key.startswith("trainable."):
+        return None, None
+    module, _, param = key.removeprefix("trainable.").rpartition(".")
+    return module, param
+
+
 def adapter_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """Key -> parameter of adapter ``name``: ``<site>.<param>`` and ``shared.<group>.<param>``."""
     out: dict[str, nn.Parameter] = {}
@@ -125,14 +138,6 @@ def trainable_params(model: nn.Module, patterns) -> dict[str, nn.Parameter]:
         return {}
     names = select_modules((n for n, _ in model.named_modules()), patterns)
     return {trainable_key(n, p): t for n in names for p, t in model.get_submodule(n).named_parameters()}
-
-
-def checkpoint_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-    """Everything a checkpoint of adapter ``name`` holds: its tensors and its trainable modules'."""
-    st = require_state(model)
-    out = adapter_params(model, name)
-    out.update(trainable_params(model, st.specs[name].trainable if name in st.specs else None))
-    return out
 
 
 def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -193,9 +193,10 @@ def test_peft_format_refuses_what_peft_cannot_hold_and_detects_a_mixed_checkpoin
     with pytest.raises(pc.AdapterError, match="has no PEFT format"):
         pc.save_adapters(m, tmp_path / "r", format="peft")
     assert not (tmp_path / "r").exists()
-    with pytest.raises(pc.AdapterError, match="trains modules"):
-        pc.save_adapters(pc.adapt(MLP(), pc.AdapterSpec(pc.LoRA(r=2), targets=["fc1"], trainable=["fc2"])),
-                         tmp_path / "t", format="peft")
+    with pytest.raises(pc.AdapterError, match="rank_pattern.*GRALORA"):
+        pc.save_adapters(pc.adapt(MLP(), pc.AdapterSpec(pc.GraLoRA(r=4, k=2), targets=["fc1", "fc2"],
+                                                        rank_pattern={"fc2": 8})), tmp_path / "t", format="peft")
+    assert not (tmp_path / "t").exists()
     _, a = two_adapters()
     pc.set_active(a, "default")
     pc.save_adapters(a, tmp_path / "c", format="peft")

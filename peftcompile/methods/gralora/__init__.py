@@ -58,8 +58,8 @@ def _to_peft(cfg: GraLoRA) -> dict:
 _PEFT_OPTIONS = {
     **{k: ANY for k in ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                         "revision", "inference_mode", "r", "hybrid_r", "target_modules", "alpha", "gralora_dropout",
-                        "gralora_k", "fan_in_fan_out", "init_weights", "layers_pattern", "layers_to_transform")},
-    "bias": ("none",), "modules_to_save": (None,),
+                        "gralora_k", "fan_in_fan_out", "init_weights", "layers_pattern", "layers_to_transform", "modules_to_save")},
+    "bias": ("none",),
 }
 
 

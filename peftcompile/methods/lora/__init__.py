@@ -38,16 +38,16 @@ def _to_peft(cfg: LoRA) -> dict:
 # implement exactly. Everything else (DoRA, aLoRA, bias, weight-modifying inits such as
 # PiSSA/OLoRA/LoftQ/CorDA, target_parameters, ...) is refused by name. rank_pattern /
 # alpha_pattern become the spec's own (same matching rule); layers_to_transform/layers_pattern
-# only chose the sites, which the checkpoint's tensors name.
+# only chose the sites, which the checkpoint's tensors name; modules_to_save become the spec's
+# trainable modules (a copy per adapter, as PEFT's).
 _PEFT_OPTIONS = {
     **{k: ANY for k in ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
                         "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
                         "lora_dropout", "fan_in_fan_out", "megatron_core", "qalora_group_size", "runtime_config",
                         "layers_pattern", "ensure_weight_tying", "eva_config", "rank_pattern", "alpha_pattern",
-                        "layers_to_transform")},
+                        "layers_to_transform", "modules_to_save")},
     "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
     "bias": ("none",), "use_rslora": (False, True), "use_dora": (False,), "use_qalora": (False,), "lora_bias": (False,),
-    "modules_to_save": (None,),
     "megatron_config": (None,), "trainable_token_indices": (None,), "loftq_config": ({},), "corda_config": (None,),
     "lora_ga_config": (None,), "velora_config": (None,), "alora_invocation_tokens": (None,),
     "monteclora_config": (None,), "layer_replication": (None,), "target_parameters": (None,),
