@@ -271,14 +271,17 @@ def transplant(peft_model, ours: nn.Module, name: str = "default") -> None:
     assert ours_adapter <= done, f"not transplanted: {sorted(ours_adapter - done)}"
 
 
-def twin(model_id: str, config_cls, kwargs: dict, *, name: str = "default", seed: int = 0,
-         init_weights_false: bool = True, dtype=torch.float32):
+def twin(model_id: str, config_cls, kwargs: dict, *, name: str = "default", init_weights_false: bool = True,
+         dtype=torch.float32):
     """(base, PEFT model, our model): one base model, the same adapter weights in both."""
-    torch.manual_seed(seed)
-    base = make(model_id, dtype)
+    return twin_of(make(model_id, dtype), config_cls, kwargs, name=name, init_weights_false=init_weights_false)
+
+
+def twin_of(base: nn.Module, config_cls, kwargs: dict, *, name: str = "default", init_weights_false: bool = True,
+            spec: pc.AdapterSpec | None = None):
     cfg_kwargs = init_false(config_cls, kwargs) if init_weights_false else kwargs
     peft_model = get_peft_model(copy.deepcopy(base), config_cls(**cfg_kwargs), adapter_name=name)
-    ours = pc.adapt(copy.deepcopy(base), to_spec(config_cls, kwargs), name=name)
+    ours = pc.adapt(copy.deepcopy(base), spec or to_spec(config_cls, kwargs), name=name)
     transplant(peft_model, ours, name)
     return base, peft_model, ours
 
