@@ -87,10 +87,14 @@ def test_training_steps_equal_peft(test_name, model_id, config_cls, config_kwarg
     for m in (peft_model, ours):
         m.eval()
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
         for _ in range(3):
             opt.zero_grad()
-            m(**X).sum().backward()
+            loss = m(**X).sum()
+            loss.backward()
             opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]  # the loss decreases
     check = copy.deepcopy(ours)
     transplant(peft_model, check)  # PEFT's trained tensors, in our layout
     got, want = ours.state_dict(), check.state_dict()
@@ -99,6 +103,28 @@ def test_training_steps_equal_peft(test_name, model_id, config_cls, config_kwarg
     with torch.no_grad():
         y = ours(**X)
         assert torch.isfinite(y).all()
+        torch.testing.assert_close(y, peft_model(**X), rtol=1e-5, atol=1e-5)
+
+
+DROPOUT_CASES = [c for c in SUPPORTED if "dropout" in str(c[3])] + [
+    ("Vanilla MLP 6 GraLoRA-style dropout", "MLP", GraloraConfig,
+     {"target_modules": ["lin0"], "alpha": 4, "gralora_dropout": 0.1})]
+
+
+@pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs", DROPOUT_CASES,
+                         ids=[c[0] for c in DROPOUT_CASES])
+def test_adapter_dropout_train_vs_eval(test_name, model_id, config_cls, config_kwargs):
+    """Adapter dropout (PEFT's lora_dropout) draws in train mode and is off in eval, where outputs
+    are deterministic and equal PEFT's."""
+    X = inputs()
+    _, peft_model, ours = twin(model_id, config_cls, config_kwargs)
+    ours.drop.p = 0.0  # the base model's own dropout off: only the adapter's remains
+    ours.train()
+    assert not torch.allclose(ours(**X), ours(**X))
+    ours.eval(), peft_model.eval()
+    with torch.no_grad():
+        y = ours(**X)
+        assert torch.equal(y, ours(**X))
         torch.testing.assert_close(y, peft_model(**X), rtol=1e-5, atol=1e-5)
 
 
@@ -303,7 +329,7 @@ def test_forward_float16(test_name, model_id, config_cls, config_kwargs, dtype, 
     model = pc.adapt(model, to_spec(config_cls, config_kwargs)).eval()
     adapter_dtypes = {p.dtype for n, p in model.named_parameters() if is_adapter_param(n)}
     # PEFT's test_adapter_dtype_autocast: PEFT keeps adapters in float32 on a 16-bit base by default
-    # (autocast_adapter_dtype=True). Ours take the base dtype (README "Limits", PEFT parity gaps);
+    # (autocast_adapter_dtype=True). Ours take the base dtype (README "Coming from PEFT": not there yet);
     # float32 adapters are opt-in by casting the adapter sets, and then run as PEFT's do.
     assert adapter_dtypes == {dtype}
     if fp32_adapters:
@@ -1145,7 +1171,7 @@ def test_requires_grad_modules_to_save_default(method):
 @METHODS
 def test_requires_grad_modules_to_save_disabling(method):
     # PEFT clears requires_grad while adapters are disabled. Ours leaves the flags as they are
-    # (README "Coming from PEFT", disable rows): a disabled adapter gets no gradient (it does not
+    # (README "Coming from PEFT", below the table): a disabled adapter gets no gradient (it does not
     # run), and the trainable module, trained in place, keeps training (README "Limits").
     model = pc.adapt(make("MLP"), pc.AdapterSpec(method, targets=["lin0"], trainable=["lin1"]))
     expected = ("lin1.weight", "lin1.bias", *_ab("lin0", "default", method))
