@@ -594,13 +594,15 @@ def unmerge(model: nn.Module) -> None:
         cont.merged = ()
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, safe_merge: bool = False) -> nn.Module:
     """Merge the active adapters and remove every trace of peftcompile.
 
     The returned (same) model has exactly the original ``state_dict`` keys, its class
     forwards and its original ``requires_grad`` flags, so ``save_pretrained`` writes a
     plain checkpoint. A DDP / torch.compile wrapper is unwrapped (the inner model is
     returned); an FSDP-sharded model is refused with the fix (save, then merge unsharded).
+    ``safe_merge`` (PEFT's option): refuse, before writing any weight or removing anything,
+    if a merged weight would be NaN/inf (as :func:`merge`).
     """
     from .distributed import require_unsharded, unwrap
 
@@ -608,7 +610,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     model = unwrap(model)
     st = require_state(model)
     _check_mergeable(model)
-    _merge_sites(model)
+    _merge_sites(model, safe=safe_merge)
     _remove_all(model, st)
     return model
 
