@@ -13,6 +13,10 @@ import torch.nn.functional as F
 
 from peftcompile.models import TINY_VOCAB as VOCAB, tiny_bert, tiny_gpt2, tiny_llama  # noqa: F401 (re-exported)
 
+# CI runs two xdist workers on two cores and the models are tiny: a second intra-op thread per
+# worker only waits for a core (test_lifecycle + test_io: 15.3 s -> 8.0 s measured).
+torch.set_num_threads(1)
+
 
 class MLP(nn.Module):
     """Plain module: traced whole by capture."""
