@@ -238,6 +238,9 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     candidates = [n for n in by_name if n not in unreachable]
     # "all-linear" leaves out the head and sites whose weight is shared (PEFT: tied heads)
     skip = _head_sites(model) | (set(tied) if spec.targets == ALL_LINEAR else set())
+    if spec.targets == ALL_LINEAR and spec.trainable is not None:  # PEFT: modules_to_save are never targets
+        tmods = select_modules((n for n, _ in model.named_modules()), spec.trainable)
+        skip |= {n for n in candidates if any(n == t or n.startswith(t + ".") for t in tmods)}
     chosen = select_sites(candidates, spec, skip)
     if spec.targets != ALL_LINEAR:
         bad = [n for n in select_sites(list(unreachable), spec, set())]

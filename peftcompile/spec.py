@@ -66,6 +66,9 @@ class AdapterSpec:
     layers_to_transform / layers_pattern: PEFT's layer filter: keep only sites whose layer
     index (the number after ``layers_pattern``, e.g. ``"layers"``; by default the first
     ``.<name>.<number>.`` in the site name) is in ``layers_to_transform`` (an int or ints).
+    task_type: PEFT's task type; ``"SEQ_CLS"`` / ``"TOKEN_CLS"`` add the heads PEFT adds to
+    ``modules_to_save`` (``classifier``, ``score``) and ``"QUESTION_ANS"`` adds ``qa_outputs``
+    to ``trainable``; the other task types add nothing.
     """
 
     method: MethodConfig
@@ -77,6 +80,7 @@ class AdapterSpec:
     alpha_pattern: Mapping[str, float] | None = None
     layers_to_transform: int | Sequence[int] | None = None
     layers_pattern: str | Sequence[str] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, MethodConfig):
@@ -86,7 +90,8 @@ class AdapterSpec:
             )
         object.__setattr__(self, "targets", _norm(self.targets, "targets"))
         object.__setattr__(self, "exclude", _norm(self.exclude, "exclude"))
-        object.__setattr__(self, "trainable", _norm(self.trainable, "trainable"))
+        object.__setattr__(self, "trainable", _with_task_heads(_norm(self.trainable, "trainable"), self.task_type))
+        object.__setattr__(self, "task_type", getattr(self.task_type, "value", self.task_type))
         for t in (self.targets, self.exclude, self.trainable):
             if isinstance(t, str) and t != ALL_LINEAR:
                 _check_regex(t, "target pattern")
@@ -180,7 +185,26 @@ class AdapterSpec:
                    trainable=d.get("trainable"), **{k: d.get(k) for k in _OPTIONAL})
 
 
-_OPTIONAL = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
+_OPTIONAL = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "task_type")
+
+#: PEFT's task types -> the heads its PeftModelFor<task> adds to modules_to_save.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",), "CAUSAL_LM": (), "SEQ_2_SEQ_LM": (), "FEATURE_EXTRACTION": ()}
+
+
+def _with_task_heads(trainable: Targets | None, task_type: object) -> Targets | None:
+    if task_type is None:
+        return trainable
+    task = getattr(task_type, "value", task_type)  # peft.TaskType is a str enum
+    if task not in TASK_HEADS:
+        raise AdapterError(f"AdapterSpec.task_type={task_type!r} is not one of PEFT's task types {sorted(TASK_HEADS)}")
+    heads = TASK_HEADS[task]
+    if not heads:
+        return trainable
+    if isinstance(trainable, str):
+        raise AdapterError(f"AdapterSpec.task_type={task!r} adds the heads {list(heads)} to trainable, which is a regex "
+                           f"({trainable!r}); pass trainable as a list of module names")
+    return tuple(dict.fromkeys((*(trainable or ()), *heads)))
 
 
 def _check_regex(t: str, what: str) -> None:

@@ -233,3 +233,26 @@ def test_peft_checkpoint_with_an_unknown_module_to_save_is_refused(tmp_path):
     with pytest.raises(pc.AdapterError, match="unexpected tensor .*score.weight"):
         pc.load_peft_adapter(m, tmp_path)
     assert state_of(m) is None
+
+
+@pytest.mark.parametrize("task", ["SEQ_CLS", peft.TaskType.SEQ_CLS])
+def test_task_type_adds_peft_heads_and_all_linear_leaves_them_out(task):
+    """PEFT's SEQ_CLS: the head joins modules_to_save and is never a target."""
+    pm = peft.get_peft_model(_seq_cls(), peft.LoraConfig(r=2, task_type="SEQ_CLS", target_modules="all-linear"))
+    ours = _seq_cls()
+    pc.adapt(ours, pc.AdapterSpec(pc.LoRA(r=2), targets="all-linear", task_type=task))
+    spec = pc.adapters_of(ours)["default"]
+    assert spec.trainable == ("classifier", "score") and spec.task_type == "SEQ_CLS"
+    assert set(pc.summary(ours).sites["default"]) == {n.removeprefix("base_model.model.")
+                                                      for n in pm.targeted_module_names}
+    assert ours.score.weight.requires_grad
+    assert pc.AdapterSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"task_type": "CLASSIFY"}, "not one of PEFT's task types"),
+    ({"task_type": "SEQ_CLS", "trainable": "^score$"}, "pass trainable as a list"),
+])
+def test_bad_task_type(kw, match):
+    with pytest.raises(pc.AdapterError, match=match):
+        pc.AdapterSpec(pc.LoRA(r=2), **kw)
