@@ -89,8 +89,10 @@ def test_switching_disabling_and_training_follow_peft():
     assert isinstance(ours.fc2, nn.Linear) and not any("copies" in k for k in ours.state_dict())
 
 
-def test_save_load_carry_each_adapters_own_head(tmp_path):
-    _, ours, _ = two_adapters()
+def trained_pair():
+    """(base, ours with adapters p and q each trained with its own head, {adapter: output});
+    q is active."""
+    base, ours, _ = two_adapters()
     train_steps(ours)
     pc.adapt(ours, pc.AdapterSpec(pc.LoRA(r=2), targets=["fc1"], trainable=["fc2"]), "q")
     train_steps(ours, seed=1)
@@ -98,23 +100,25 @@ def test_save_load_carry_each_adapters_own_head(tmp_path):
     for n in ("p", "q"):
         pc.set_active(ours, n)
         want[n] = out(ours)
+    return base, ours, want
+
+
+def test_save_load_carry_each_adapters_own_head(tmp_path):
+    _, ours, want = trained_pair()
     pc.set_active(ours, "p")
-    pc.save_adapters(ours, tmp_path / "q", name="q")  # b is inactive: its head comes from its copy
+    pc.save_adapters(ours, tmp_path / "q", name="q")  # q is inactive: its head comes from its copy
     pc.save_adapters(ours, tmp_path / "p", name="p")
     torch.manual_seed(0)
     fresh = MLP().eval()
     pc.load_adapters(fresh, tmp_path / "p")
-    pc.load_adapters(fresh, tmp_path / "q")  # loaded, not activated: a's head stays in place
+    pc.load_adapters(fresh, tmp_path / "q")  # loaded, not activated: p's head stays in place
     assert torch.equal(out(fresh), want["p"])
     pc.set_active(fresh, "q")
     assert torch.equal(out(fresh), want["q"])
 
 
 def test_delete_unload_and_base_state_dict():
-    base, ours, _ = two_adapters()
-    train_steps(ours)
-    pc.adapt(ours, pc.AdapterSpec(pc.LoRA(r=2), targets=["fc1"], trainable=["fc2"]), "q")
-    train_steps(ours, seed=1)
+    base, ours, _ = trained_pair()
     trained_b = ours.fc2.weight.detach().clone()
     sd = pc.get_base_model_state_dict(ours)
     assert torch.equal(sd["fc2.weight"], base.fc2.weight)  # the original, not b's trained head
@@ -156,14 +160,7 @@ def test_compiled_model_sees_each_adapters_head(fresh_dynamo):
     """The swap is an in-place copy into the same parameters, which compiled graphs read."""
     from conftest import CountingBackend
 
-    _, ours, _ = two_adapters()
-    train_steps(ours)
-    pc.adapt(ours, pc.AdapterSpec(pc.LoRA(r=2), targets=["fc1"], trainable=["fc2"]), "q")
-    train_steps(ours, seed=1)
-    want = {}
-    for n in ("p", "q"):
-        pc.set_active(ours, n)
-        want[n] = out(ours)
+    _, ours, want = trained_pair()
     compiled = torch.compile(ours, backend=CountingBackend())
     with torch.no_grad():
         for n in ("p", "q", "p"):
