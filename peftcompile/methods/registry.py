@@ -90,6 +90,11 @@ class Method:
     peft: the PEFT checkpoint format this method reads (and, with ``write_config``, writes).
     as_lora(params, cfg) -> (A [R, in], B [out, R]): the same delta as a plain LoRA pair,
         exactly, scaling folded into B (``delta(x) == (x @ A.T) @ B.T``).
+    scale_params: parameters that, each multiplied by one scalar g, multiply the delta by g
+        (one factor of every additive term: LoRA's B; GraLoRA's B and hybrid B; RaSA's D).
+        Under torch.compile the site's on/off gate (a tensor, so that disabling adapters
+        does not recompile) multiplies these: an [out, r]-sized product. Empty: the gate
+        multiplies the adapter's input instead ([tokens, in]-sized; deltas are linear in x).
     """
 
     name: str
@@ -108,6 +113,7 @@ class Method:
     zero_rank_default: bool = True
     peft: "PeftFormat | None" = None
     as_lora: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    scale_params: tuple[str, ...] = ()
 
     @property
     def shares(self) -> bool:

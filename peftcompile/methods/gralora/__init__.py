@@ -87,5 +87,6 @@ register_method(
             _PEFT_OPTIONS,
         ),
         as_lora=gralora_as_lora,
+        scale_params=("gralora_B", "gralora_B_hybrid"),
     )
 )

@@ -65,5 +65,6 @@ register_method(
         peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, _from_peft, _to_peft,
                         _PEFT_OPTIONS),
         as_lora=lora_as_lora,
+        scale_params=("lora_B",),
     )
 )
