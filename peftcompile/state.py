@@ -23,7 +23,7 @@ from typing import Iterator
 from torch import nn
 
 from .errors import AdapterError
-from .modules import SharedTensors, SiteAdapterSet
+from .modules import RowRouting, SharedTensors, SiteAdapterSet
 from .spec import AdapterSpec, select_modules
 
 __all__ = [
@@ -58,6 +58,7 @@ class ModelState:
     units: set[str] = field(default_factory=set)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     frozen: set[str] = field(default_factory=set)  # adapters in inference mode: active but not trainable
+    routing: RowRouting = field(default_factory=RowRouting)  # mixed-adapter batches; every site set reads it
 
 
 def state_of(model: nn.Module) -> ModelState | None:
