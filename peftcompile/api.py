@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from .copies import add_copies_, drop_copies_, original, owners_for, set_original_, sync_
+from . import rows
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import Method, method_for
-from .modules import SharedTensors, SiteAdapter, SiteAdapterSet
+from .modules import BASE_ROW, SharedTensors, SiteAdapter, SiteAdapterSet
 from .passes.capture import capture, site_kind
 from .passes.match import Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
@@ -98,6 +99,9 @@ def check_adapter_name(name: object) -> str:
     if not _NAME.fullmatch(name):
         raise AdapterError(f"adapter name {name!r} must be letters, digits, '_' or '-' (no '.', no spaces); "
                            f"e.g. 'default', 'task-a'")
+    if name == BASE_ROW:
+        raise AdapterError(f"adapter name {name!r} means 'no adapter' in adapter_names=[...] (mixed-adapter batches); "
+                           f"pick another name, e.g. 'base_adapter'")
     if name in _reserved_names():
         raise AdapterError(f"adapter name {name!r} is an attribute of the adapter containers (nn.ModuleDict); "
                            f"pick another name, e.g. {name + '_adapter'!r}")
@@ -342,17 +346,6 @@ def _check_patterns_used(spec: AdapterSpec, chosen: Sequence[str]) -> None:
                           f"Adapted sites look like {list(chosen)[:3]}", AdapterWarning, stacklevel=4)
 
 
-def refuse_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: PEFT's mixed-adapter batches (``adapter_names=[...]``, one adapter per
-    row) are not implemented; HF forwards would swallow the keyword and run every row with
-    the active adapter, a wrong answer, so it is refused."""
-    if kwargs.get("adapter_names") is not None:
-        raise AdapterError(
-            "adapter_names=... (one adapter per row, PEFT's mixed-adapter batches) is not supported by peftcompile; "
-            "run one batch per adapter with peftcompile.set_active(model, name)"
-        )
-
-
 def apply_plan_(model: nn.Module, plan: AdaptPlan) -> nn.Module:
     """Attach a plan's modules, rewrite the units that gain a site, freeze, activate (the
     only step of ``adapt`` that changes the model)."""
@@ -360,7 +353,7 @@ def apply_plan_(model: nn.Module, plan: AdaptPlan) -> nn.Module:
     if st is None:
         st = ModelState(requires_grad={k: p.requires_grad for k, p in model.named_parameters()})
         model.__dict__[STATE_ATTR] = st
-        model.register_forward_pre_hook(refuse_adapter_names, with_kwargs=True)
+        rows.install_(model)  # adapter_names=[...] (PEFT's mixed-adapter batches)
     name = plan.name
     fresh_units: set[str] = set()  # units whose graphs gain a site: only those are rewritten
     for n, s in plan.sites.items():
@@ -368,6 +361,7 @@ def apply_plan_(model: nn.Module, plan: AdaptPlan) -> nn.Module:
         cont = getattr(host, s.host_attr, None)
         if not isinstance(cont, SiteAdapterSet):
             cont = SiteAdapterSet(n, s.kind, s.weight_attr, s.in_features, s.out_features)
+            cont.__dict__["_routing"] = st.routing
             host.add_module(s.host_attr, cont)
             fresh_units |= {x.unit.path for x in plan.occurrences[n]}
         cont[name] = plan.adapters[n]
@@ -663,10 +657,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _remove_all(model: nn.Module, st: ModelState) -> None:
-    for hid, hook in list(model._forward_pre_hooks.items()):
-        if hook is refuse_adapter_names:
-            del model._forward_pre_hooks[hid]
-            model._forward_pre_hooks_with_kwargs.pop(hid, None)
+    rows.remove_(model)
     for host, attr, _ in list(site_adapters(model)):
         delattr(host, attr)
     if hasattr(model, SHARED_ATTR):

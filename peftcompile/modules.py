@@ -3,7 +3,8 @@
 A site's host module (the nn.Linear / Conv1D itself, or the module owning an
 ``F.linear`` weight) gets one :class:`SiteAdapterSet` child. It holds one
 :class:`SiteAdapter` per named adapter and the switches read at run time (active,
-merged, disabled), so switching adapters never retraces the fx graph.
+merged, disabled), so switching adapters never retraces the fx graph, and under
+torch.compile does not recompile either (see :class:`SiteAdapterSet`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from torch import nn
 from .errors import AdapterError, AdapterWarning
 from .methods import MethodConfig, method_for
 
-__all__ = ["SiteAdapter", "SiteAdapterSet", "SharedTensors", "ANNOTATION_KEY", "ROLE_KEY"]
+__all__ = ["SiteAdapter", "SiteAdapterSet", "SharedTensors", "RowRouting", "ANNOTATION_KEY", "ROLE_KEY", "GATE",
+           "BASE_ROW"]
 
 #: Keys of the ``torch.fx.traceback.annotate`` dicts that mark adapter nodes. They
 #: survive dynamo and aot_autograd (``node.meta["custom"]``), so the backend finds each
-#: delta again: ANNOTATION_KEY -> {"site", "adapter", "method", "config" (JSON of the
-#: method config)}; ROLE_KEY -> "delta" (dropout, cast and the method's math) or "add"
+#: delta again: ANNOTATION_KEY -> {"site", "slot" (position among the site's running
+#: adapters), "method", "config" (JSON of the method config)}; ROLE_KEY -> "delta" (dropout, cast and the method's math) or "add"
 #: (``y + delta.to(y.dtype)``, whose other input is the base output).
 ANNOTATION_KEY = "peftcompile"
 ROLE_KEY = "peftcompile_role"
@@ -44,6 +46,20 @@ class SharedTensors(nn.Module):
             m.shared_init(cfg, dict(self.named_parameters()), n)
 
 
+#: Every method config in use, by its JSON: the forward reads its config from here, so that
+#: under torch.compile equal configs are one object at one guard source (adapters with equal
+#: configs look the same: switching between them does not recompile), and each other config
+#: has a source of its own (dynamo's "automatic dynamic" would otherwise turn an alpha that
+#: changed at the same source into a symbolic float after a switch, which the backend
+#: cannot fuse).
+_CONFIGS: dict[str, MethodConfig] = {}
+
+
+def _interned(cfg: MethodConfig) -> tuple[str, MethodConfig]:
+    key = json.dumps(cfg.to_dict(), sort_keys=True)
+    return key, _CONFIGS.setdefault(key, cfg)
+
+
 class SiteAdapter(nn.Module):
     """One adapter's parameters at one site and its reference forward."""
 
@@ -52,6 +68,7 @@ class SiteAdapter(nn.Module):
                  n_members: int = 1) -> None:
         super().__init__()
         m = method_for(cfg)
+        self._cfg_key, cfg = _interned(cfg)
         self.cfg, self.site, self.adapter = cfg, site, adapter
         self.in_features, self.out_features, self.n_members = in_f, out_f, n_members
         for name, shape in m.shapes(cfg, in_f, out_f, n_members).items():
@@ -61,8 +78,13 @@ class SiteAdapter(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_p) if cfg.dropout_p > 0 else nn.Identity()
         # Not a registered child: the group's tensors are saved once, at the root.
         self.__dict__["shared"] = shared
-        self._tag = {"site": site, "adapter": adapter, "method": cfg.name,
-                     "config": json.dumps(cfg.to_dict(), sort_keys=True)}
+        # No adapter name in the tag: a compiled graph guards on what it reads, and the tag
+        # of adapter "b" must read the same as the tag of an equal adapter "a".
+        self._tag = {"site": site, "method": cfg.name, "config": self._cfg_key}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._cfg_key, self.cfg = _interned(self.cfg)  # unpickled in another process, or deep-copied
 
     @property
     def group(self) -> str | None:
@@ -75,11 +97,22 @@ class SiteAdapter(nn.Module):
             t.update(self.shared._parameters)
         return t
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with fx_traceback.annotate({ANNOTATION_KEY: self._tag, ROLE_KEY: "delta"}):
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None, slot: int = 0) -> torch.Tensor:
+        """The delta of ``x``. ``gate`` (a 0-dim 0/1 tensor, compiled path only) multiplies it;
+        ``slot`` is its position among the site's running adapters (the backend's region key)."""
+        with fx_traceback.annotate({ANNOTATION_KEY: {**self._tag, "slot": slot}, ROLE_KEY: "delta"}):
+            cfg = _CONFIGS[self._cfg_key]
             w = self.tensors()
             dtype = next(iter(w.values())).dtype
-            return method_for(self.cfg).delta(self.dropout(x.to(dtype)), w, self.cfg)
+            method = method_for(cfg)
+            xa = self.dropout(x.to(dtype))
+            if gate is not None:
+                scaled = [k for k in method.scale_params if k in w]
+                for k in scaled:
+                    w[k] = w[k] * gate
+                if not scaled:
+                    xa = xa * gate
+            return method.delta(xa, w, cfg)
 
     def delta_weight(self) -> torch.Tensor:
         """dW [out, in] such that forward(x) == x @ dW.T (without dropout)."""
@@ -103,41 +136,168 @@ class _MergedGuard(torch.autograd.Function):
         raise AdapterError(ctx.msg)
 
 
+#: Row name of PEFT's mixed-adapter batches for "no adapter on this row".
+BASE_ROW = "__base__"
+
+#: Name of each site set's on/off gate buffer (not saved: it is run-time state).
+GATE = "peftcompile_gate"
+
+
+class RowRouting:
+    """A model's mixed-adapter batch (PEFT's ``adapter_names``): one adapter name per row,
+    set around one forward (or one ``generate``) and read by every site. ``names`` maps a
+    batch size to the names of its rows: generate's encoder sees the batch as given, its
+    decoder the batch expanded by beams / return sequences."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, tuple[str, ...]] | None = None
+        self.pinned = False  # held for a whole generate() call
+        self._index: dict[tuple, tuple[tuple[str, torch.Tensor], ...]] = {}
+
+    def set(self, names: dict[int, tuple[str, ...]] | None, pinned: bool = False) -> None:
+        self.names, self.pinned, self._index = names, pinned, {}
+
+    def rows(self, site: str, x: torch.Tensor) -> tuple[tuple[str, torch.Tensor], ...]:
+        """(adapter name, row indices) of the batch ``x`` at ``site``; AdapterError if its dim 0
+        is not a batch the names were given for."""
+        n = x.shape[0] if x.dim() >= 2 else None
+        names = self.names.get(n) if n is not None else None
+        if names is None:
+            sizes = sorted(self.names)
+            raise AdapterError(
+                f"{site}: adapter_names has {sizes[0] if len(sizes) == 1 else sizes} names, but this layer's input has "
+                f"shape {tuple(x.shape)}; mixed-adapter batches need one name per row of the batch (dim 0) at every "
+                f"adapted layer. Pass one name per row ('{BASE_ROW}' for no adapter)")
+        key = (n, x.device)
+        if key not in self._index:
+            order = list(dict.fromkeys(names))
+            self._index[key] = tuple((a, torch.tensor([i for i, b in enumerate(names) if b == a], device=x.device))
+                                     for a in order)
+        return self._index[key]
+
+    def __getstate__(self) -> dict:
+        return {"names": None, "pinned": False, "_index": {}}  # a forward's routing never travels
+
+
+@torch._dynamo.disable
+def refuse_compiled_rows() -> None:
+    """Raised outside the compiled graph (a call dynamo does not trace), so it reaches the caller."""
+    raise AdapterError(
+        "adapter_names=[...] (mixed-adapter batches) runs in eager mode only; under torch.compile each row's adapter "
+        "would be a Python decision per batch. Fix: call the uncompiled model (compiled._orig_mod(..., "
+        "adapter_names=...)), or run one batch per adapter through the compiled model with "
+        "peftcompile.set_active(model, name), which does not recompile")
+
+
 class SiteAdapterSet(nn.ModuleDict):
-    """All adapters of one site: y = base(x) + sum of the active, unmerged deltas."""
+    """All adapters of one site: y = base(x) + sum of the active, unmerged deltas.
+
+    The switches (``active``, ``merged``, ``disabled``) are plain attributes for the API;
+    what the forward reads is derived from them so that torch.compile does not recompile
+    per adapter state: ``_running`` (the adapters to run, whatever their names, so dynamo
+    guards on their configs and tensor shapes, not on names) and the ``peftcompile_gate``
+    buffer (1.0, or 0.0 while disabled; a tensor, so its value is not guarded).
+    """
 
     def __init__(self, site: str, kind: str, weight_attr: str, in_f: int, out_f: int) -> None:
         super().__init__()
         self.site, self.kind, self.weight_attr = site, kind, weight_attr
         self.in_features, self.out_features = in_f, out_f
-        self.active: tuple[str, ...] = ()
-        self.merged: tuple[str, ...] = ()
-        self.disabled = False
+        self.__dict__.update(_active=(), _merged=(), _disabled=False, _running=(), _routing=None)
+        self.register_buffer(GATE, torch.ones(()), persistent=False)
 
     @property
     def transposed(self) -> bool:
         """HF Conv1D stores W as [in, out]."""
         return self.kind == "conv1d"
 
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self._active
+
+    @active.setter
+    def active(self, names: tuple[str, ...]) -> None:
+        self.__dict__["_active"] = tuple(names)
+        self._refresh()
+
+    @property
+    def merged(self) -> tuple[str, ...]:
+        return self._merged
+
+    @merged.setter
+    def merged(self, names: tuple[str, ...]) -> None:
+        self.__dict__["_merged"] = tuple(names)
+        self._refresh()
+
+    @property
+    def disabled(self) -> bool:
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self.__dict__["_disabled"] = bool(value)
+        g = self._buffers[GATE]
+        # a new tensor, not fill_: a graph recorded before the switch may have saved the old
+        # gate for its backward (autograd would refuse an in-place change of it)
+        self._buffers[GATE] = torch.full((), 0.0 if value else 1.0, dtype=g.dtype, device=g.device)
+
+    def _refresh(self) -> None:
+        self.__dict__["_running"] = tuple(self._modules[n] for n in self._active
+                                          if n in self._modules and n not in self._merged)
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        super().__setitem__(key, module)
+        p = next(module.parameters(), None)
+        g = self._buffers[GATE]
+        if p is not None and p.device != g.device:  # the gate lives with the adapters
+            self._buffers[GATE] = g.to(p.device)
+        self._refresh()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._refresh()
+
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled:
-            return y
-        if self.merged and self.training and torch.is_grad_enabled():
+        routing = self._routing
+        mixed = routing is not None and routing.names is not None
+        if torch.compiler.is_dynamo_compiling():
+            if mixed:
+                refuse_compiled_rows()
+            gate = self._buffers[GATE]
+        else:
+            # eager reads the Python switches: nothing runs for a disabled site
+            if self._disabled:
+                return y
+            if mixed:
+                return self._mixed(y, x, routing)
+            gate = None
+        if self._merged and self.training and torch.is_grad_enabled():
             # a merged adapter runs inside W: training would leave it untouched (no grad, or
             # autograd's "does not require grad"); warn now, and fail clearly on backward
-            msg = (f"{self.site}: adapter(s) {list(self.merged)} are merged into the base weight, so training does "
+            msg = (f"{self.site}: adapter(s) {list(self._merged)} are merged into the base weight, so training does "
                    f"not update them; call peftcompile.unmerge(model) before training (or model.eval() for inference)")
             warnings.warn(msg, AdapterWarning, stacklevel=2)
-            anchor = next((p for n in self.merged if n in self for p in self[n].parameters() if p.requires_grad), None)
+            anchor = next((p for n in self._merged if n in self for p in self[n].parameters() if p.requires_grad),
+                          None)
             if anchor is not None:
                 y = _MergedGuard.apply(y, anchor, msg)
-        for name in self.active:
-            if name in self.merged or name not in self:
-                continue
-            a = self[name]
-            d = a(x)
-            with fx_traceback.annotate({ANNOTATION_KEY: a._tag, ROLE_KEY: "add"}):
+        for slot, a in enumerate(self._running):
+            d = a(x, gate, slot)
+            with fx_traceback.annotate({ANNOTATION_KEY: {**a._tag, "slot": slot}, ROLE_KEY: "add"}):
                 y = y + d.to(y.dtype)
+        return y
+
+    def _mixed(self, y: torch.Tensor, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+        """PEFT's mixed-adapter batch: each row's delta from its own adapter (none for
+        ``__base__`` rows and for adapters that do not cover this site)."""
+        for name, idx in routing.rows(self.site, x):
+            if name not in self._modules:
+                continue
+            if name in self._merged:  # checked before the forward; a merged delta would count twice
+                raise AdapterError(f"{self.site}: adapter {name!r} is merged; peftcompile.unmerge(model) before "
+                                   f"passing adapter_names")
+            d = self._modules[name](x.index_select(0, idx))
+            y = y.index_add(0, idx, d.to(y.dtype))
         return y
 
     def extra_repr(self) -> str:

@@ -23,7 +23,7 @@ from typing import Iterator
 from torch import nn
 
 from .errors import AdapterError
-from .modules import SharedTensors, SiteAdapterSet
+from .modules import RowRouting, SharedTensors, SiteAdapterSet
 from .spec import AdapterSpec, select_modules
 
 __all__ = [
@@ -62,6 +62,7 @@ class ModelState:
     # values the parameter holds now (None: the original); key -> (buffer, module, param)
     live: dict[str, str | None] = field(default_factory=dict)
     copy_names: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    routing: RowRouting = field(default_factory=RowRouting)  # mixed-adapter batches; every site set reads it
 
 
 def state_of(model: nn.Module) -> ModelState | None:

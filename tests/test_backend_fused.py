@@ -1,6 +1,6 @@
 """The fused path for everyday PEFT settings (issue #14): adapter dropout in training, fp32
 adapters on a 16-bit base and autocast, several active adapters on one site, linears written
-as ``x @ W.T``, and no recompiles for sequence lengths or adapter switching.
+as ``x @ W.T``, and no recompiles for sequence lengths, adapter switching or disabling.
 
 Each case checks the counters (``fused_<method>`` = regions fused), that no region is left
 as reference math, and outputs and every gradient against eager. Compiled with aot_eager
@@ -13,6 +13,7 @@ twice eager's own error plus one 16-bit rounding of the output.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -304,36 +305,103 @@ def test_marked_dynamic_length_compiles_once():
     assert counters["peftcompile"]["fused_gralora"] == 7 and counted("skipped_") == 0
 
 
-def test_switching_enabling_disabling_compiles_each_state_once():
-    """Each adapter state (a, b, both, disabled) is one graph; going back to a state seen before
-    (switching, ``pc.disabled``) reuses it: no recompiles after the first visit."""
+def _states_model(cfg, names=("a", "b")):
     model = tiny_llama(num_hidden_layers=1)
-    pc.adapt(model, pc.AdapterSpec(pc.LoRA(r=4), targets=["q_proj", "v_proj"]), "a")
-    pc.adapt(model, pc.AdapterSpec(pc.LoRA(r=2), targets=["q_proj", "v_proj"]), "b")
-    randomize_adapters_(model, std=0.1)
+    for i, n in enumerate(names):
+        pc.adapt(model, pc.AdapterSpec(cfg, targets=["q_proj", "v_proj"]), n)
+        randomize_adapters_(model, std=0.1, seed=i)  # the new adapter is the trainable one
+    return model
+
+
+def _enter(model, state) -> contextlib.AbstractContextManager:
+    """Put ``model`` in ``state``: an adapter name (list), "disabled()" (the context manager,
+    returned), "disable_adapter_layers" (persistent; enable_adapter_layers undoes it)."""
+    if state == "disabled()":
+        return pc.disabled(model)
+    pc.enable_adapter_layers(model)
+    if state == "disable_adapter_layers":
+        pc.disable_adapter_layers(model)
+    else:
+        pc.set_active(model, state)
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("cfg", METHODS, ids=lambda c: c.name)
+def test_switching_and_disabling_do_not_recompile(cfg):
+    """Two adapters of one config: switching a -> b -> a, ``pc.disabled``, disable/enable_adapter_layers
+    and new (marked dynamic) lengths all run the first graph: the compiled forward reads the
+    running adapters through the same slot and the on/off gate as a tensor. Training mode,
+    outputs and every gradient equal eager; the graph stays fused."""
+    model = _states_model(cfg).train()
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    outs = {}
+    for seq, state in zip((6, 9, 7, 11, 6, 8), ("a", "b", "disabled()", "disable_adapter_layers", "a", "b")):
+        ids = token_ids(seq=seq)
+        torch._dynamo.mark_dynamic(ids, 1)
+        with _enter(model, state):
+            ref = copy.deepcopy(model)
+            model.zero_grad()
+            out = hf_output(compiled(ids))
+            out.square().mean().backward()
+            expected = hf_output(ref(ids))
+            if expected.requires_grad:
+                expected.square().mean().backward()
+            _assert_same(out, expected, model, ref)
+        outs[(state, seq)] = out.detach()
+    assert backend.frames == 1 and counters["stats"]["unique_graphs"] == 1
+    assert counters["peftcompile"][f"fused_{cfg.name}"] == 2 and counted("skipped_") == 0
+    # the states really differ: a, b and the base model give three different outputs
+    ids = token_ids(seq=6)
+    with pc.disabled(model):
+        plain = hf_output(model(ids))
+    pc.set_active(model, "b")
+    other = hf_output(model(ids))
+    assert not torch.allclose(outs[("a", 6)], plain) and not torch.allclose(outs[("a", 6)], other)
+
+
+def test_other_structures_compile_once_each():
+    """What dynamo guards on now is the *structure* of the running adapters (method config incl.
+    alpha, tensor shapes, dtypes, requires_grad, how many run), not their names or the on/off
+    state: each distinct structure compiles once, an adapter equal to one seen reuses its graph,
+    and revisiting states compiles nothing."""
+    model = tiny_llama(num_hidden_layers=1)
+    for i, (name, cfg) in enumerate({"a": pc.LoRA(r=4), "b": pc.LoRA(r=2), "c": pc.LoRA(r=4),
+                                     "d": pc.LoRA(r=4, alpha=32)}.items()):
+        pc.adapt(model, pc.AdapterSpec(cfg, targets=["q_proj", "v_proj"]), name)
+        randomize_adapters_(model, std=0.1, seed=i)
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
     ids = token_ids()
-    states = [("a",), ("b",), ("a", "b"), None]
+    seen = []
+    for state in ["a", "b", "c", ["a", "b"], "disabled()", "d", "a", ["a", "b"], "b", "disabled()", "c"]:
+        with _enter(model, state):
+            torch.testing.assert_close(hf_output(compiled(ids)), hf_output(model(ids)), atol=ATOL, rtol=RTOL)
+        seen.append(backend.frames)
+    # a: 1; b (rank 2): 2; c (= a's config): reuses; [a, b]: 3; disabled: reuses; d (alpha 32): 4
+    assert seen == [1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4]
+    # a, b, d: 2 sites each; [a, b]: 2 stacked sites (4 regions)
+    assert counters["peftcompile"]["fused_lora"] == 2 + 2 + 4 + 2 and counted("skipped_") == 0
 
-    def run(state):
-        if state is None:
-            with pc.disabled(model):
-                return hf_output(compiled(ids)), hf_output(model(ids))
-        pc.set_active(model, list(state))
-        return hf_output(compiled(ids)), hf_output(model(ids))
 
-    for state in states:
-        got, want = run(state)
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
-    first = backend.frames
-    assert first == len(states)
-    for state in states[::-1] + states:
-        got, want = run(state)
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
-    assert backend.frames == first  # every state again, no new graph
-    # a, b: 2 sites each; both: 2 stacked sites (4 regions); disabled: none
-    assert counters["peftcompile"]["fused_lora"] == 2 + 2 + 4 and counted("skipped_") == 0
+def test_reference_forward_inside_disabled_backprops_through_both():
+    """A DPO-style step: the policy output, then the reference output under ``pc.disabled`` in
+    the same autograd graph. The gate is swapped, not written in place, so the first graph's
+    saved gate is intact for backward; gradients equal eager's."""
+    model = _states_model(pc.LoRA(r=4), names=("a",)).train()
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=CountingBackend())
+    ids = token_ids()
+    out = hf_output(compiled(ids))
+    with pc.disabled(model):
+        base = hf_output(compiled(ids))
+    (out - base).square().mean().backward()
+    want = hf_output(ref(ids))
+    with pc.disabled(ref):
+        want_base = hf_output(ref(ids))
+    (want - want_base).square().mean().backward()
+    torch.testing.assert_close(base, want_base, atol=ATOL, rtol=RTOL)
+    _assert_same(out, want, model, ref)
 
 
 # ---------------------------------------------------------------- inductor

@@ -253,3 +253,17 @@ def test_task_type_adds_peft_heads_and_all_linear_leaves_them_out(task):
 def test_bad_task_type(kw, match):
     with pytest.raises(pc.AdapterError, match=match):
         pc.AdapterSpec(pc.LoRA(r=2), **kw)
+
+
+def test_mixed_batches_with_per_adapter_heads_are_refused():
+    """A trainable module holds one adapter's values: rows of different adapters would silently
+    share them, so such a mixed batch is refused (one batch per adapter works)."""
+    _, ours, want = trained_pair()
+    ours.eval()
+    with pytest.raises(pc.AdapterError, match="train whole modules"):
+        with torch.no_grad():
+            ours(X, adapter_names=["p", "q", "p", "q"])
+    assert state_of(ours).active == ("p",) or state_of(ours).active == ("q",)
+    pc.set_active(ours, "q")
+    with torch.no_grad():
+        assert torch.equal(ours(X, adapter_names=["q"] * 4), want["q"])

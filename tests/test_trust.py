@@ -456,6 +456,14 @@ def _bad_calls(tmp_path: Path):
         ("set_active: unknown", None, lambda m, f: pc.set_active(m, "nope")),
         ("set_active: empty", None, lambda m, f: pc.set_active(m, [])),
         ("set_active: away from merged", merged_then_other, lambda m, f: pc.set_active(m, "c")),
+        ("adapter_names: one name too few", None, lambda m, f: m(torch.randn(3, 16), adapter_names=["default"] * 2)),
+        ("adapter_names: unknown name", None, lambda m, f: m(torch.randn(3, 16),
+                                                               adapter_names=["default", "nope", "__base__"])),
+        ("adapter_names: a string", None, lambda m, f: m(torch.randn(3, 16), adapter_names="default")),
+        ("adapter_names: while merged", merge, lambda m, f: m(torch.randn(3, 16), adapter_names=["default"] * 3)),
+        ("adapter_names: in training mode", lambda m, f: m.train(), lambda m, f: m(torch.randn(3, 16),
+                                                                                 adapter_names=["default"] * 3)),
+        ("adapt: name '__base__'", None, lambda m, f: pc.adapt(m, second, name="__base__")),
     ]
 
 
@@ -551,16 +559,24 @@ def test_top_level_subpackages_are_reachable_lazily():
     assert r.stdout.split() == ["to_onnx", "search"]
 
 
-def test_mixed_adapter_batches_are_refused_not_ignored():
-    m = tiny_llama(num_hidden_layers=1)
-    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["q_proj"]))
-    ids = torch.randint(3, 100, (2, 5))
-    with pytest.raises(pc.AdapterError, match="adapter_names"):
-        m(input_ids=ids, adapter_names=["default", "default"])
-    m(input_ids=ids)  # fine without it
+def test_mixed_adapter_batch_hooks_travel_with_the_model_and_unload_removes_them():
+    """``adapter_names`` is honoured (tests/test_mixed_batches.py), never swallowed: the hooks and
+    HF's ``generate`` wrapper pickle and deep-copy with the model, and unload removes them."""
+    import copy
     import pickle
 
-    pickle.loads(pickle.dumps(m))(input_ids=ids)  # the hook pickles with the model
+    m = tiny_llama(num_hidden_layers=1).eval()
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["q_proj"]))
+    randomize_adapters_(m)
+    ids = torch.randint(3, 100, (2, 5))
+    want = m(input_ids=ids).logits
+    for other in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+        got = other(input_ids=ids, adapter_names=["default", "__base__"]).logits
+        torch.testing.assert_close(got[0], want[0])
+        assert not torch.allclose(got[1], want[1])
+        assert other.generate.module is other
+        with pytest.raises(pc.AdapterError, match="adapter_names has 1 names but the batch has 2 rows"):
+            other.generate(ids, max_new_tokens=1, adapter_names=["default"])
     pc.unload(m)
     m(input_ids=ids, adapter_names=None)
-    assert not m._forward_pre_hooks
+    assert not m._forward_pre_hooks and not m._forward_hooks and "generate" not in m.__dict__

@@ -95,6 +95,11 @@ class Method:
         weighted combination mixes these factors, not the deltas).
     from_factors(A [R, in], B [out, R]) -> (cfg, params): an adapter of this method whose
         delta is exactly ``(x @ A.T) @ B.T`` (weighted combinations are built in this form).
+    scale_params: parameters that, each multiplied by one scalar g, multiply the delta by g
+        (one factor of every additive term: LoRA's B; GraLoRA's B and hybrid B; RaSA's D).
+        Under torch.compile the site's on/off gate (a tensor, so that disabling adapters
+        does not recompile) multiplies these: an [out, r]-sized product. Empty: the gate
+        multiplies the adapter's input instead ([tokens, in]-sized; deltas are linear in x).
     """
 
     name: str
@@ -115,6 +120,7 @@ class Method:
     as_lora: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     factors: Callable[..., tuple[torch.Tensor, torch.Tensor, float]] | None = None
     from_factors: Callable[..., tuple[MethodConfig, dict[str, torch.Tensor]]] | None = None
+    scale_params: tuple[str, ...] = ()
 
     @property
     def shares(self) -> bool:

@@ -12,8 +12,9 @@ How a region is found: ``SiteAdapter.forward`` runs under
 ``torch.fx.traceback.annotate``, which dynamo keeps as ``node.meta["custom"]``:
 ``{"peftcompile": tag, "peftcompile_role": "delta" | "add"}``. Walking back from each
 tagged add node through nodes with the same (site, adapter) tag gives one region; its
-outside tensor inputs are x, the adapter parameters (named by their dynamo source) and
-the base output y. If y is a base linear of that same x with a frozen weight, and the
+outside tensor inputs are x, the adapter parameters (named by their dynamo source), the
+site's on/off gate (``SiteAdapterSet``'s ``peftcompile_gate`` buffer, multiplied into the
+method's ``scale_params`` or into the adapter input) and the base output y. If y is a base linear of that same x with a frozen weight, and the
 method has a lowering, the region is replaced; otherwise it stays (it is correct
 reference math) and is counted as skipped, with the reason logged at debug level.
 
@@ -38,7 +39,7 @@ from torch._dynamo.utils import counters
 from .. import kernels  # noqa: F401  (registers torch.ops.peftcompile.*)
 from ..methods import Lowering, MethodConfig, config_from_dict, get_method
 from ..methods.registry import same_shape
-from ..modules import ANNOTATION_KEY, ROLE_KEY
+from ..modules import ANNOTATION_KEY, GATE, ROLE_KEY
 
 __all__ = ["lower_adapters_", "COUNTER", "BASE_PATTERNS"]
 
@@ -148,7 +149,7 @@ BASE_PATTERNS: list[Callable[[Node, Node], "BaseMatch | None"]] = [_match_linear
 
 
 # ---------------------------------------------------------------- regions
-_PARAM_SOURCE = re.compile(r"_parameters\[['\"](\w+)['\"]\]$")
+_PARAM_SOURCE = re.compile(r"_(?:parameters|buffers)\[['\"](\w+)['\"]\]$")
 _DROPOUTS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 
 
@@ -169,7 +170,7 @@ def _tag(n: Node) -> tuple[dict | None, str | None]:
 
 
 def _key(tag: dict) -> tuple:
-    return tag.get("site"), tag.get("adapter")
+    return tag.get("site"), tag.get("slot")
 
 
 def _val(n: Any) -> Any:
@@ -215,6 +216,7 @@ def _param_name(n: Node) -> str | None:
 
 
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type"}
+_MULS = {operator.mul, torch.mul}
 
 
 def _is_cast(n: Node) -> bool:
@@ -231,19 +233,28 @@ def _dropout_active(n: Node) -> bool | None:
     return bool(training) and p != 0  # a symbolic p counts as active
 
 
-def _adapter_input(x: Node, inside: set[Node]) -> tuple[Node, bool]:
-    """Follow x through the adapter's own casts and dropout (``dropout(x.to(dtype))``): the
-    node the adapter's math reads, and whether a dropout on the way is active."""
-    cur, active = x, False
+def _gates(n: Node, gate: Node | None) -> bool:
+    """Whether ``n`` multiplies its first input by the site's gate."""
+    return gate is not None and n.op == "call_function" and n.target in _MULS and len(n.args) == 2 \
+        and n.args[1] is gate
+
+
+def _adapter_input(x: Node, inside: set[Node], gate: Node | None = None) -> tuple[Node, bool, bool]:
+    """Follow x through the adapter's own casts, dropout and gate (``dropout(x.to(dtype)) * gate``
+    for methods without ``scale_params``): the node the adapter's math reads, whether it
+    differs from x (an active dropout or the gate on the way), and whether the gate is in it."""
+    cur, differs, gated = x, False, False
     while True:
         users = [u for u in cur.users if u in inside]
         if len(users) != 1 or not users[0].args or users[0].args[0] is not cur:
-            return cur, active
+            return cur, differs, gated
         u = users[0]
         on = _dropout_active(u)
-        if on is None and not _is_cast(u):
-            return cur, active
-        active = active or bool(on)
+        if _gates(u, gate):
+            gated = True
+        elif on is None and not _is_cast(u):
+            return cur, differs, gated
+        differs = differs or bool(on) or gated
         cur = u
 
 
@@ -260,6 +271,8 @@ class Plan:
     xa: Node | None  # the adapter's input when it is not x itself (an active dropout's output)
     compute_dtype: torch.dtype  # what the delta is computed in (autocast: its dtype, not the params')
     base: BaseMatch | None = None  # None: y is not a base linear (e.g. an earlier adapter's add)
+    gate: Node | None = None  # the site's gate, to multiply into the method's scale_params again
+    scale_params: tuple[str, ...] = ()
 
 
 def _plan(region: Region) -> Plan:
@@ -275,7 +288,7 @@ def _plan(region: Region) -> Plan:
     for n in region.nodes[:-1]:
         if any(u not in inside for u in n.users):
             raise Skip(f"{n.name} (inside the delta) is also used outside it")
-    xs, ys, params = set(), set(), {}
+    xs, ys, params, gates = set(), set(), {}, set()
     for n in region.nodes:
         _, role = _tag(n)
         for i in _inputs(n):
@@ -284,6 +297,8 @@ def _plan(region: Region) -> Plan:
             name = _param_name(i)
             if role == "add":
                 ys.add(i)
+            elif name == GATE:
+                gates.add(i)
             elif name is not None and name in param_names:
                 params[name] = i
             else:
@@ -297,8 +312,15 @@ def _plan(region: Region) -> Plan:
     (x,), (y,) = xs, ys
     if len(y.users) != 1:
         raise Skip(f"the base output {y.name} is used outside the adapter add")
-    end, dropped = _adapter_input(x, inside)
-    xa = end if dropped else None
+    if len(gates) > 1:
+        raise Skip(f"several gate inputs {sorted(map(str, gates))}")
+    gate = next(iter(gates), None)
+    end, differs, in_input = _adapter_input(x, inside, gate)
+    xa = end if differs else None
+    # the gate the region multiplies into its scale params (the op gets the raw ones: multiply again)
+    scaled = tuple(k for k in method.scale_params if k in params) if gate is not None and not in_input else ()
+    if gate is not None and not in_input and not scaled:
+        raise Skip("the site's gate is neither on the adapter input nor on the method's scale_params")
     if xa is not None and not same_shape(_val(xa).shape, _val(x).shape):
         raise Skip(f"the adapter input {xa.name} does not have x's shape")
     # the delta's dtype: what ``delta.to(y.dtype)`` in the add casts from
@@ -308,7 +330,8 @@ def _plan(region: Region) -> Plan:
     dv = _val(d)
     if not isinstance(dv, torch.Tensor):
         raise Skip("missing example value on the delta")
-    plan = Plan(region, cfg, lowering, x, y, params, xa, dv.dtype)
+    plan = Plan(region, cfg, lowering, x, y, params, xa, dv.dtype, gate=gate if scaled else None,
+                scale_params=scaled)
     plan.base = next((m for m in (p(y, x) for p in BASE_PATTERNS) if m is not None), None)
     return plan
 
@@ -371,6 +394,10 @@ def _cast(emit: Callable[..., Node], n: Node | None, dtype: torch.dtype) -> Node
     return emit(torch.Tensor.to, n, dtype)
 
 
+def _gated(emit: Callable[..., Node], n: Node, gate: Node | None) -> Node:
+    return n if gate is None else emit(operator.mul, n, gate)
+
+
 def _apply_(graph: fx.Graph, plans: list[Plan], order: dict[Node, int], replaced: dict[Node, Node]) -> None:
     """Replace the chain of regions ``plans`` (one site: the first on the base linear, each next
     one on the previous add) by one fused op. ``replaced`` maps the add nodes of regions
@@ -398,7 +425,8 @@ def _apply_(graph: fx.Graph, plans: list[Plan], order: dict[Node, int], replaced
             # The adapter's tensors in the dtype its math runs in (autocast: the autocast dtype).
             cd = head.compute_dtype
             xa = _cast(emit, head.xa, cd)
-            ps = [{k: _cast(emit, v, cd) for k, v in pl.params.items()} for pl in plans]
+            ps = [{k: _gated(emit, _cast(emit, v, cd), pl.gate if k in pl.scale_params else None)
+                   for k, v in pl.params.items()} for pl in plans]
             if len(plans) == 1:
                 fused = head.lowering.replace(emit, x, w, b, ps[0], head.cfg, xa)
             else:
@@ -474,8 +502,8 @@ def _count(ok: bool, plan_or_region, why: str = "") -> None:
         counters[COUNTER][f"fused_{method}"] += 1
     else:
         counters[COUNTER][f"skipped_{method}"] += 1
-        log.debug("peftcompile: %s (adapter %r, %s) left as reference math: %s",
-                  tag.get("site"), tag.get("adapter"), method, why)
+        log.debug("peftcompile: %s (running adapter #%s, %s) left as reference math: %s",
+                  tag.get("site"), tag.get("slot"), method, why)
 
 
 def lower_adapters_(gm: fx.GraphModule) -> fx.GraphModule:
@@ -504,7 +532,7 @@ def lower_adapters_(gm: fx.GraphModule) -> fx.GraphModule:
             rest = [plans[r.add] for r in chain[1:]]
             blocker = None
             if rest:
-                blocker = next((f"adapter {r.tag.get('adapter')!r}: {p}" for r, p in zip(chain[1:], rest)
+                blocker = next((f"running adapter #{r.tag.get('slot')}: {p}" for r, p in zip(chain[1:], rest)
                                 if isinstance(p, Skip)), None) or _stack_blocker([head, *rest])
             if rest and blocker is None:
                 try:
@@ -530,7 +558,7 @@ def lower_adapters_(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         _count(True, head)
         for r in chain[1:]:
-            _count(False, r, f"stays on top of the fused op of adapter {chain[0].tag.get('adapter')!r}: {blocker}")
+            _count(False, r, f"stays on top of the fused op of running adapter #{chain[0].tag.get('slot')}: {blocker}")
     # Only the replaced nodes are erased (in _apply_); no eliminate_dead_code() here, since
     # dynamo graphs carry nodes fx cannot tell are needed, and aot_autograd re-traces anyway.
     graph.lint()

@@ -94,5 +94,6 @@ register_method(
             _default_targets,
         ),
         as_lora=gralora_as_lora,
+        scale_params=("gralora_B", "gralora_B_hybrid"),
     )
 )

@@ -78,5 +78,6 @@ register_method(
         factors=lambda p, cfg: (p["lora_A"], p["lora_B"], cfg.scaling),
         # alpha = r: scaling 1, so the factors are stored as given
         from_factors=lambda A, B: (LoRA(r=A.shape[0], alpha=float(A.shape[0])), {"lora_A": A, "lora_B": B}),
+        scale_params=("lora_B",),
     )
 )

@@ -47,5 +47,6 @@ register_method(
         lowering=Lowering(_check, _lower, _stack),
         rank_axes={"rasa_A": (0,), "rasa_B": (1,), "rasa_D": (0,), "rasa_A_shared": (0,), "rasa_B_shared": (1,)},
         as_lora=rasa_as_lora,
+        scale_params=("rasa_D",),
     )
 )
