@@ -263,7 +263,7 @@ def test_mixed_batches_with_per_adapter_heads_are_refused():
     with pytest.raises(pc.AdapterError, match="train whole modules"):
         with torch.no_grad():
             ours(X, adapter_names=["p", "q", "p", "q"])
-    assert state_of(ours).active == ("p",) or state_of(ours).active == ("q",)
+    assert state_of(ours).active == ("q",)
     pc.set_active(ours, "q")
     with torch.no_grad():
         assert torch.equal(ours(X, adapter_names=["q"] * 4), want["q"])
