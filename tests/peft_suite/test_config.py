@@ -159,15 +159,26 @@ def test_bad_hyperparameters_raise(method, kwargs, match):
 @pytest.mark.parametrize("targets, error, match", [
     ([1], AdapterTypeError, "must hold non-empty module names"),
     ([""], AdapterTypeError, "must hold non-empty module names"),
-    (None, AdapterTypeError, "not None"),
     (5, AdapterTypeError, "must be a str or a list of str"),
     ("(", pc.AdapterError, "is not a valid regex"),
-], ids=["int", "empty", "None", "5", "bad_regex"])
+], ids=["int", "empty", "5", "bad_regex"])
 def test_bad_targets_raise(targets, error, match):
-    # PEFT's target_modules=None means its per-architecture table; ours needs a target (README
-    # "Coming from PEFT": per-architecture default targets not there yet; the default is "all-linear")
     with pytest.raises(error, match=match):
         pc.AdapterSpec(pc.LoRA(), targets=targets)
+
+
+def test_targets_none_is_the_default():
+    # PEFT's target_modules=None (its default) means its per-architecture table, resolved when the
+    # model is known (tests/peft_suite/test_decoder_models.py: test_default_targets_equal_peft)
+    assert LoraConfig().target_modules is None
+    assert pc.AdapterSpec(pc.LoRA(), targets=None) == pc.AdapterSpec(pc.LoRA())
+    assert pc.AdapterSpec(pc.LoRA()).targets is None
+    # where PEFT has no default (a plain module) it raises; ours is "all-linear" (README "Coming from
+    # PEFT": LoraConfig() without target_modules)
+    with pytest.raises(ValueError, match="Please specify `target_modules`"):
+        get_peft_model(make("MLP"), LoraConfig())
+    model = pc.adapt(make("MLP"), pc.AdapterSpec(pc.LoRA()))
+    assert [c.site for _, _, c in site_adapters(model)] == ["lin0", "lin1"]
 
 
 def test_bad_method_raises():

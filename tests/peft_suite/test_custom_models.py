@@ -43,17 +43,6 @@ def trainable_module_names(config_kwargs) -> set[str]:
     return {f"{m}.{p}" for m in config_kwargs.get("modules_to_save") or () for p in ("weight", "bias")}
 
 
-def base_with_trained_modules(base, model, config_kwargs):
-    """The base model carrying ``model``'s trained modules_to_save weights (what our disabled()
-    runs: README "Limits": trainable modules are trained in place, not a per-adapter copy)."""
-    ref = copy.deepcopy(base)
-    sd = model.state_dict()
-    with torch.no_grad():
-        for k in trainable_module_names(config_kwargs):
-            ref.state_dict(keep_vars=True)[k].copy_(sd[k])
-    return ref
-
-
 # ----------------------------------------------------------------------------- yardstick
 @CASES
 def test_forward_equals_peft(test_name, model_id, config_cls, config_kwargs):
@@ -326,16 +315,12 @@ def test_forward_float16(test_name, model_id, config_cls, config_kwargs, dtype, 
     X = inputs()
     model = make(model_id, dtype)
     model.dtype = dtype
-    model = pc.adapt(model, to_spec(config_cls, config_kwargs)).eval()
+    # PEFT's test_adapter_dtype_autocast: adapters are float32 on a 16-bit base by default
+    # (autocast_adapter_dtype=True, as PEFT); autocast_adapter_dtype=False keeps the base dtype.
+    kw = {} if fp32_adapters else {"autocast_adapter_dtype": False}
+    model = pc.adapt(model, to_spec(config_cls, config_kwargs), **kw).eval()
     adapter_dtypes = {p.dtype for n, p in model.named_parameters() if is_adapter_param(n)}
-    # PEFT's test_adapter_dtype_autocast: PEFT keeps adapters in float32 on a 16-bit base by default
-    # (autocast_adapter_dtype=True). Ours take the base dtype (README "Coming from PEFT": not there yet);
-    # float32 adapters are opt-in by casting the adapter sets, and then run as PEFT's do.
-    assert adapter_dtypes == {dtype}
-    if fp32_adapters:
-        for c in adapter_sets(model):
-            c.float()
-        assert {p.dtype for n, p in model.named_parameters() if is_adapter_param(n)} == {torch.float32}
+    assert adapter_dtypes == {torch.float32 if fp32_adapters else dtype}
     # check that none of this raises an error
     model(**X)
     pc.merge(model, safe_merge=False)
@@ -372,7 +357,7 @@ def test_only_params_are_updated(test_name, model_id, config_cls, config_kwargs)
     for name, param_before in params_before.items():
         param_after = params_after[name]
         if is_adapter_param(name) or name in trainable:
-            # README "Coming from PEFT": modules_to_save are trained in place (no per-adapter copy)
+            # modules_to_save: the active adapter's copy lives in the module's own parameters
             assert not torch.allclose(param_before, param_after, atol=tol, rtol=tol), name
         else:
             assert torch.allclose(param_before, param_after, atol=tol, rtol=tol), name
@@ -406,16 +391,6 @@ def test_save_load_roundtrip_peft_format(test_name, model_id, config_cls, config
     base, peft_model, model = twin(model_id, config_cls, config_kwargs)
     peft_model.eval(), model.eval()
     peft_model.save_pretrained(tmp_path / "from_peft")
-    if has_trainable(config_kwargs):
-        # README "Coming from PEFT" (modules_to_save row) / Limits: no per-adapter copy, so the PEFT
-        # layout of modules_to_save is neither written nor read; both directions are refused.
-        with pytest.raises(pc.AdapterError, match="modules_to_save"):
-            pc.save_adapters(model, tmp_path / "ours", format="peft")
-        fresh = make(model_id)
-        with pytest.raises(pc.AdapterError, match="modules_to_save"):
-            pc.load_peft_adapter(fresh, tmp_path / "from_peft")
-        assert state_of(fresh) is None
-        return
     pc.save_adapters(model, tmp_path / "ours", format="peft")
     with torch.no_grad():
         want = model(**X)
@@ -476,13 +451,7 @@ def test_disable_adapters(test_name, model_id, config_cls, config_kwargs):
 
     rtol, atol = 1e-8, 1e-8
     assert not torch.allclose(outputs_before, outputs_after, rtol=rtol, atol=atol)
-    if has_trainable(config_kwargs):
-        # README "Limits": trainable modules are trained in place, so disabled() runs the base with
-        # the trained head (PEFT switches its modules_to_save copy off too).
-        assert not torch.allclose(outputs_before, outputs_disabled)
-        assert torch.allclose(base_with_trained_modules(base, model, config_kwargs)(**X), outputs_disabled)
-    else:
-        assert torch.allclose(outputs_before, outputs_disabled)
+    assert torch.allclose(outputs_before, outputs_disabled)
     assert torch.allclose(outputs_after, outputs_enabled_after_disable)
 
 
@@ -514,11 +483,7 @@ def test_disable_adapters_with_merging(test_name, model_id, config_cls, config_k
     atol, rtol = 1e-5, 1e-5  # merging introduces some numerical instability
     assert not torch.allclose(outputs_before, outputs_after, atol=atol, rtol=rtol)
     assert torch.allclose(outputs_after, outputs_unmerged, atol=atol, rtol=rtol)
-    if has_trainable(config_kwargs):  # README "Limits": disabled() runs the base with the trained head
-        assert torch.allclose(base_with_trained_modules(base, model, config_kwargs).eval()(**X), outputs_disabled,
-                              atol=atol, rtol=rtol)
-    else:
-        assert torch.allclose(outputs_before, outputs_disabled, atol=atol, rtol=rtol)
+    assert torch.allclose(outputs_before, outputs_disabled, atol=atol, rtol=rtol)
     assert torch.allclose(outputs_after, outputs_enabled_after_disable, atol=atol, rtol=rtol)
 
 
@@ -719,11 +684,7 @@ def test_unload_adapter(test_name, model_id, config_cls, config_kwargs):
         logits_unload = model(**X)
     assert state_of(model) is None and not adapter_sets(model)
     assert not torch.allclose(logits_with_adapter, logits_unload, atol=1e-10, rtol=1e-10)
-    if has_trainable(config_kwargs):
-        # README "Limits": the trainable module's own weights were the trained ones (no copy to drop)
-        assert torch.allclose(base_with_trained_modules(base, model, config_kwargs)(**X), logits_unload)
-    else:
-        assert torch.allclose(logits_transformers, logits_unload, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(logits_transformers, logits_unload, atol=1e-4, rtol=1e-4)
     assert num_params_base == num_params_unloaded
 
 
@@ -787,16 +748,15 @@ def test_set_adapter_non_overlapping_modules_to_save(method):
 
 
 @pytest.mark.parametrize("method", [pc.LoRA(), pc.GraLoRA()], ids=["LoraConfig", "GraloraConfig"])
-def test_multiple_active_adapters_with_same_modules_to_save(method):
-    # PEFT raises ("Only one adapter can be set at a time for ModulesToSaveWrapper") since each
-    # adapter owns a copy. Ours trains the one module in place (README "Coming from PEFT",
-    # modules_to_save row), so two active adapters naming it share it and it stays trainable.
+def test_multiple_active_adapters_with_same_modules_to_save_raises(method):
+    # PEFT raises ("Only one adapter can be set at a time for ModulesToSaveWrapper"): each adapter
+    # owns a copy of the module. Ours refuses too, and the active adapter stays.
     model = _deepmlp()
     pc.adapt(model, pc.AdapterSpec(method, targets=["layers.0.lin0"], trainable=["layers.0.lin1"]), name="default")
     pc.adapt(model, pc.AdapterSpec(method, targets=["layers.0.lin0"], trainable=["layers.0.lin1"]), name="other")
-    pc.set_active(model, ["default", "other"])
-    assert model.layers[0].lin1.weight.requires_grad
-    assert active(model) == ["default", "other"]
+    with pytest.raises(pc.AdapterError, match="layers.0.lin1"):
+        pc.set_active(model, ["default", "other"])
+    assert active(model) == ["other"]
 
 
 @pytest.mark.parametrize("method", [pc.LoRA(), pc.GraLoRA()], ids=["LoraConfig", "GraloraConfig"])
@@ -923,11 +883,6 @@ REFUSED_CHECKPOINTS = [
     ("Vanilla MLP 4 LoRA bias=all", "MLP", LoraConfig, {"target_modules": ["lin0", "lin1"], "bias": "all"}, "bias='all'"),
     ("Vanilla MLP 4 LoRA bias=lora_only", "MLP", LoraConfig, {"target_modules": ["lin0", "lin1"],
                                                                "bias": "lora_only"}, "bias='lora_only'"),
-    # modules_to_save in a PEFT checkpoint (per-adapter copies): README "Coming from PEFT", modules_to_save row
-    ("Vanilla MLP 5 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
-     "modules_to_save"),
-    ("Vanilla MLP 5 GraLoRA", "MLP", GraloraConfig, {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
-     "modules_to_save"),
 ]
 
 #: rows whose layers or modules_to_save overlap pc.adapt refuses (README "Guarantees": "a listed
@@ -1172,7 +1127,7 @@ def test_requires_grad_modules_to_save_default(method):
 def test_requires_grad_modules_to_save_disabling(method):
     # PEFT clears requires_grad while adapters are disabled. Ours leaves the flags as they are
     # (README "Coming from PEFT", below the table): a disabled adapter gets no gradient (it does not
-    # run), and the trainable module, trained in place, keeps training (README "Limits").
+    # run), and the trainable module keeps its flag.
     model = pc.adapt(make("MLP"), pc.AdapterSpec(method, targets=["lin0"], trainable=["lin1"]))
     expected = ("lin1.weight", "lin1.bias", *_ab("lin0", "default", method))
     pc.disable_adapter_layers(model)

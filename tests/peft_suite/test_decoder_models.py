@@ -3,9 +3,8 @@ methods it calls) for its LoRA and GraLoRA configs.
 
 PEFT downloads tiny hub checkpoints; here the same architectures (Llama, Qwen2, GPT-2) are built
 from tiny configs with random weights, seeded like a ``from_pretrained`` (no download). PEFT's
-configs leave ``target_modules=None`` for its per-architecture default table; we pass that table's
-entry explicitly (README "Coming from PEFT": per-architecture default targets are not there yet,
-our default is "all-linear" -- asserted in ``test_default_targets_differ``).
+configs leave ``target_modules=None`` for its per-architecture default table; so do ours
+(``AdapterSpec(targets=None)``: the same table, asserted in ``test_default_targets_equal_peft``).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import copy
 import pytest
 import torch
 from peft import GraloraConfig, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
 from transformers import AutoModelForCausalLM
 
@@ -67,22 +67,14 @@ def cases(f):
     return f
 
 
-def with_targets(model, config_kwargs):
-    """PEFT's target_modules=None resolved through its default table, as a PEFT user would read it."""
-    kw = dict(config_kwargs)
-    if kw.get("target_modules") is None:
-        kw["target_modules"] = DEFAULT_TARGETS[model.config.model_type]
-    return kw
-
-
 def adapted(model_id, config_cls, config_kwargs, dtype=torch.float32, name="default"):
     model = from_pretrained(model_id, dtype)
-    return pc.adapt(model, to_spec(config_cls, with_targets(model, config_kwargs)), name=name)
+    return pc.adapt(model, to_spec(config_cls, config_kwargs), name=name)
 
 
 def decoder_twin(model_id, config_cls, config_kwargs):
     base = from_pretrained(model_id)
-    return twin_of(base, config_cls, with_targets(base, config_kwargs))
+    return twin_of(base, config_cls, config_kwargs)
 
 
 def inputs():
@@ -227,6 +219,37 @@ def test_training_decoders_gradient_checkpointing(model_id, config_cls, config_k
 
 
 @cases
+def test_training_decoders_layer_indexing(model_id, config_cls, config_kwargs, tmp_path):
+    # PeftCommonTester._test_training_layer_indexing (layers_to_transform=[0]); the checkpoint goes
+    # through PEFT's format and PeftModel.from_pretrained, as in PEFT's test
+    kw = {**config_kwargs, "layers_to_transform": [0]}
+    model = adapted(model_id, config_cls, kw).train()
+    output = model(**inputs())[0]
+    output.sum().backward()
+    nb_trainable = 0
+    for n, param in model.named_parameters():
+        if is_adapter_param(n):
+            assert param.grad is not None
+            nb_trainable += 1
+        else:
+            assert param.grad is None
+    model.eval()
+    out = logits(model)[0]
+    pc.save_adapters(model, tmp_path, format="peft")
+    model_from_pretrained = PeftModel.from_pretrained(from_pretrained(model_id), tmp_path).eval()
+    atol, rtol = 1e-4, 1e-4
+    assert torch.allclose(out, logits(model_from_pretrained)[0], atol=atol, rtol=rtol)
+    # yardstick: the same sites as PEFT's layers_to_transform
+    peft_sites = {n.removeprefix("base_model.model.") for n, m in model_from_pretrained.named_modules()
+                  if isinstance(m, BaseTunerLayer)}
+    assert {c.site for c in adapter_sets(model)} == peft_sites
+    # the nb of trainable params again but without layers_to_transform (more than 1 layer: fewer)
+    model = adapted(model_id, config_cls, config_kwargs)
+    nb_trainable_all = sum(1 for n, _ in model.named_parameters() if is_adapter_param(n))
+    assert nb_trainable < nb_trainable_all
+
+
+@cases
 def test_inference_safetensors(model_id, config_cls, config_kwargs, tmp_path):
     model = adapted(model_id, config_cls, config_kwargs).train()
     model(**inputs())[0].sum().backward()
@@ -308,7 +331,7 @@ def test_get_base_model_state_dict(model_id, config_cls, config_kwargs):
     model = from_pretrained(model_id)
     base_model_keys = set(model.state_dict().keys())
     original_state_dict = {k: v.clone() for k, v in model.state_dict().items()}
-    peft_model = pc.adapt(model, to_spec(config_cls, with_targets(model, config_kwargs)))
+    peft_model = pc.adapt(model, to_spec(config_cls, config_kwargs))
     extracted_state_dict = pc.get_base_model_state_dict(peft_model)
     assert set(extracted_state_dict.keys()) == base_model_keys
     for key in original_state_dict:
@@ -324,14 +347,17 @@ def test_get_base_model_state_dict(model_id, config_cls, config_kwargs):
 
 
 # ----------------------------------------------------------------------------- documented differences
-@pytest.mark.parametrize("model_id", list(DECODERS))
-def test_default_targets_differ(model_id):
-    # PEFT's target_modules=None picks its per-architecture table (q_proj/v_proj, c_attn); ours
-    # defaults to "all-linear" (README "Coming from PEFT": per-architecture default targets not there yet).
-    model = pc.adapt(from_pretrained(model_id), pc.AdapterSpec(pc.LoRA(r=8, alpha=32)))
-    table = set(DEFAULT_TARGETS[model.config.model_type])
-    sites = {c.site.rsplit(".", 1)[-1] for c in adapter_sets(model)}
-    assert table < sites
+@cases
+def test_default_targets_equal_peft(model_id, config_cls, config_kwargs):
+    # target_modules=None: PEFT's per-method, per-architecture table (q_proj/v_proj, c_attn); ours
+    # adapts the same sites (README "Coming from PEFT": LoraConfig() without target_modules)
+    peft_model = get_peft_model(from_pretrained(model_id), config_cls(**config_kwargs))
+    peft_sites = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if isinstance(m, BaseTunerLayer)}
+    model = pc.adapt(from_pretrained(model_id), to_spec(config_cls, config_kwargs))
+    assert {c.site for c in adapter_sets(model)} == peft_sites
+    if config_cls is LoraConfig:
+        assert {s.rsplit(".", 1)[-1] for s in peft_sites} == set(DEFAULT_TARGETS[model.config.model_type])
 
 
 def test_merge_and_unload_tied_head_is_refused():
@@ -350,8 +376,7 @@ def test_merge_and_unload_tied_head_is_refused():
 
 
 # PEFT decoder-config rows and tests whose feature peftcompile refuses (README "Guarantees": PEFT
-# checkpoints with fields we do not implement exactly are refused by name). The
-# layers_to_transform row (test_training_decoders_layer_indexing) flips when per-layer selection lands.
+# checkpoints with fields we do not implement exactly are refused by name).
 REFUSED = [
     ("alora", LoraConfig, {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32, "target_modules": None,
                            "lora_dropout": 0.05, "bias": "none", "alora_invocation_tokens": [1]},
@@ -359,8 +384,6 @@ REFUSED = [
     ("trainable_tokens", LoraConfig, {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32, "target_modules": None,
                                       "lora_dropout": 0.05, "bias": "none", "trainable_token_indices": [0, 1, 3]},
      "trainable_token_indices"),
-    ("layer_indexing", LoraConfig, {"task_type": "CAUSAL_LM", "target_modules": None, "layers_to_transform": [0]},
-     "layers_to_transform"),
     ("layer_replication", LoraConfig, {"task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"],
                                        "layer_replication": [[0, 1], [0, 2]]}, "layer_replication"),
 ]
