@@ -1000,14 +1000,19 @@ def test_multiple_active_adapters_forward(test_name, tuner_method, config_cls, c
         torch.testing.assert_close(adapter_2_output, peft_model(**X), rtol=1e-5, atol=1e-5)
         set_multiple_active_adapters(peft_model, ["adapter_1", "adapter_2"])
         torch.testing.assert_close(combined_output, peft_model(**X), rtol=1e-5, atol=1e-5)
-        if tuner_method == "lora":
-            # PEFT then checks add_weighted_adapter(cat, [1, 1]) == both active. add_weighted_adapter is
-            # not implemented (README "Coming from PEFT": not there yet); our two active adapters
-            # equal PEFT's combined adapter.
+    if tuner_method == "lora":
+        # Create a weighted adapter combining both adapters and check that its output is the same as
+        # setting multiple active adapters
+        pc.add_weighted_adapter(model, ["adapter_1", "adapter_2"], [1.0, 1.0], "new_combined_adapter",
+                                combination_type="cat")
+        pc.set_active(model, "new_combined_adapter")
+        new_combined_output = model(**X)
+        assert torch.allclose(new_combined_output, combined_output, atol=1e-5)
+        with torch.no_grad():  # yardstick: PEFT's combined adapter
             peft_model.add_weighted_adapter(["adapter_1", "adapter_2"], [1.0, 1.0], "new_combined_adapter",
                                             combination_type="cat")
             peft_model.set_adapter("new_combined_adapter")
-            assert torch.allclose(peft_model(**X), combined_output, atol=1e-5)
+            torch.testing.assert_close(new_combined_output, peft_model(**X), rtol=1e-5, atol=1e-5)
 
 
 @MULTI
@@ -1231,3 +1236,177 @@ def test_loading_model_requires_grad_load_adapter_then_add_adapter(tmp_path):
     pc.adapt(model, pc.AdapterSpec(pc.LoRA(), targets=["layers.0.lin0"]), name="other")
     pc.set_active(model, ["default", "other"])
     assert trainable_names(model) == {"layers.0.lin0.peftcompile.other.lora_A", "layers.0.lin0.peftcompile.other.lora_B"}
+
+
+# ----------------------------------------------------------------------------- modules_to_save / add_weighted_adapter
+def mlp_twin(adapters, seed=0):
+    """PEFT's MLP with ``adapters`` ([(name, LoraConfig kwargs)], the first via get_peft_model) in PEFT
+    and in ours, with PEFT's adapter weights copied into ours; PEFT's active adapter (the first)."""
+    torch.manual_seed(seed)
+    base = make("MLP").eval()
+    (name0, kw0), *rest = adapters
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**kw0), adapter_name=name0)
+    for name, kw in rest:
+        peft_model.add_adapter(name, LoraConfig(**kw))
+    ours = copy.deepcopy(base)
+    for name, kw in adapters:
+        pc.adapt(ours, to_spec(LoraConfig, kw), name=name)
+        transplant(peft_model, ours, name)
+    pc.set_active(ours, name0)
+    return base, peft_model.eval(), ours.eval()
+
+
+def checkpoint_keys(model, name, tmp_path):
+    pc.save_adapters(model, tmp_path / name, name=name, format="peft")
+    return set(load_file(tmp_path / name / "adapter_model.safetensors"))
+
+
+def peft_checkpoint_keys(peft_model, name, tmp_path):
+    peft_model.save_pretrained(tmp_path / "peft", selected_adapters=[name])
+    sub = tmp_path / "peft" if name == "default" else tmp_path / "peft" / name
+    return set(load_file(sub / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", [pc.LoRA(), pc.GraLoRA()], ids=["LoraConfig", "GraloraConfig"])
+def test_multiple_active_adapters_with_overlapping_modules_to_save_raises(method):
+    # same test as the previous one, but targeting multiple modules_to_save, some of which overlap
+    model = _deepmlp()
+    pc.adapt(model, pc.AdapterSpec(method, targets=["layers.0.lin0"], trainable=["layers.0.lin1", "layers.1.lin1"]),
+             name="default")
+    # adding the adapter is fine
+    pc.adapt(model, pc.AdapterSpec(method, targets=["layers.0.lin0"], trainable=["layers.2.lin1", "layers.1.lin1"]),
+             name="other")
+    with pytest.raises(pc.AdapterError, match="layers.1.lin1"):  # PEFT: ValueError ("Only one adapter ...")
+        pc.set_active(model, ["default", "other"])
+    assert active(model) == ["other"]
+
+
+@pytest.mark.parametrize("order_switched", [False, True], ids=["", "order_switched"])
+def test_multiple_adapters_mixed_modules_to_save(order_switched, tmp_path):
+    # See PEFT issue 1574: one adapter with modules_to_save, one without (and the order switched):
+    # each adapter holds a copy only of its own modules_to_save (yardstick: its checkpoint has the same
+    # keys as PEFT's), and switching adapters and predicting does not raise
+    with_mts, without = {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}, {"target_modules": ["lin0"]}
+    configs = [("default", without), ("other", with_mts)] if order_switched else \
+        [("default", with_mts), ("other", without)]
+    _, peft_model, model = mlp_twin(configs)
+    keys = {n: checkpoint_keys(model, n, tmp_path) for n in ("default", "other")}
+    holder, plain = ("other", "default") if order_switched else ("default", "other")
+    assert {"base_model.model.lin1.weight", "base_model.model.lin1.bias"} <= keys[holder]
+    assert not any(".lin1." in k for k in keys[plain])
+    for n in ("default", "other"):
+        assert keys[n] == peft_checkpoint_keys(peft_model, n, tmp_path / n)
+    X = inputs()
+    model(**X)  # "default" adapter is active
+    pc.set_active(model, "other")  # switch to "other" adapter
+    model(**X)
+
+
+def test_multiple_adapters_mixed_modules_to_save_merging_adapters():
+    # See PEFT issue 1574: merging adapter weights works when one adapter has a modules_to_save and the
+    # other hasn't; the merged adapter gets its own copy of the module (PEFT: a copy of the original
+    # module; yardstick below with a trained "default" copy). PEFT's name "merged" is an attribute of
+    # our adapter containers (nn.ModuleDict.merged is refused as an adapter name): "merged_adapter".
+    X = inputs()
+    base, peft_model, model = mlp_twin([("default", {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}),
+                                        ("other", {"target_modules": ["lin0"]})])
+    with torch.no_grad():  # "default" trained its head
+        peft_model.base_model.model.lin1.modules_to_save["default"].weight.add_(1.0)
+        model.lin1.weight.add_(1.0)
+    # check that this does not raise
+    pc.add_weighted_adapter(model, ["default", "other"], weights=[1.0, 1.0], adapter_name="merged_adapter")
+    peft_model.add_weighted_adapter(["default", "other"], weights=[1.0, 1.0], adapter_name="merged_adapter")
+    assert pc.adapters_of(model)["merged_adapter"].trainable == pc.adapters_of(model)["default"].trainable
+    # check that using the merged adapter does not raise, and gives PEFT's outputs
+    pc.set_active(model, "merged_adapter")
+    peft_model.set_adapter("merged_adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**X), peft_model(**X), rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.lin1.weight, base.lin1.weight)
+        pc.set_active(model, "default")
+        assert torch.equal(model.lin1.weight, base.lin1.weight + 1.0)
+
+
+def test_multiple_adapters_same_modules_to_save_merging_adapters_raises():
+    # See PEFT issue 1574: the two adapters target the same module with modules_to_save; combining them
+    # raises (PEFT: ValueError "Cannot add weighted adapters if they target the same module with
+    # modules_to_save"), and nothing is added
+    config = {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}
+    _, peft_model, model = mlp_twin([("default", config), ("other", config)])
+    with pytest.raises(ValueError, match="Cannot add weighted adapters if they target the same module"):
+        peft_model.add_weighted_adapter(["default", "other"], weights=[1.0, 1.0], adapter_name="merged")
+    with pytest.raises(pc.AdapterError, match="cannot be combined"):
+        pc.add_weighted_adapter(model, ["default", "other"], weights=[1.0, 1.0], adapter_name="merged_adapter")
+    assert sorted(pc.adapters_of(model)) == ["default", "other"]
+
+
+def test_add_weighted_adapter_cat_with_rank_pattern():
+    # Fixes a bug described in PEFT #2512, which resulted from the rank_pattern not being taken into account
+    X = inputs()
+    _, peft_model, model = mlp_twin([
+        ("default", {"target_modules": ["lin0", "lin1"], "r": 8, "rank_pattern": {"lin0": 2}}),
+        ("other", {"target_modules": ["lin0", "lin1"], "r": 8, "rank_pattern": {"lin0": 16}})])
+    pc.add_weighted_adapter(model, ["default", "other"], weights=[1.0, 1.0], adapter_name="merged_adapter",
+                            combination_type="cat")
+    peft_model.add_weighted_adapter(["default", "other"], weights=[1.0, 1.0], adapter_name="merged_adapter",
+                                    combination_type="cat")
+    for site in ("lin0", "lin1"):  # PEFT's rank (the sum of each adapter's largest rank) at every site
+        assert model.get_submodule(site).peftcompile["merged_adapter"].lora_A.shape[0] == \
+            peft_model.base_model.model.get_submodule(site).r["merged_adapter"]
+    pc.set_active(model, "merged_adapter")
+    peft_model.set_adapter("merged_adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**X), peft_model(**X), rtol=1e-5, atol=1e-5)
+
+
+def test_add_weighted_adapter_negative_weight_negates_adapter():
+    # Test that weight=-1.0 properly negates an adapter
+    _, peft_model, model = mlp_twin([("adapter1", {"target_modules": ["lin0"], "init_lora_weights": False})], seed=42)
+    # Create merged adapter with weight=-1.0
+    pc.add_weighted_adapter(model, adapters=["adapter1"], weights=[-1.0], adapter_name="merged_negative",
+                            combination_type="linear")
+    for c in adapter_sets(model):
+        dw_adapter1 = c["adapter1"].delta_weight()
+        dw_negative = c["merged_negative"].delta_weight()
+        assert torch.allclose(dw_adapter1, -dw_negative, atol=1e-6)
+        assert not torch.allclose(dw_adapter1, torch.zeros_like(dw_adapter1))
+
+
+def test_add_weighted_adapter_subtraction_with_negative_weights():
+    # Test that merging two identical adapters with weights [1.0, -1.0] results in approximately zero weights
+    config = {"target_modules": ["lin0"], "init_lora_weights": False}
+    base = make("MLP")
+    torch.manual_seed(42)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**config), adapter_name="adapter1")
+    torch.manual_seed(42)
+    peft_model.add_adapter("adapter2", LoraConfig(**config))  # the same draws as adapter1
+    model = base
+    for name in ("adapter1", "adapter2"):
+        pc.adapt(model, to_spec(LoraConfig, config), name=name)
+        transplant(peft_model, model, name)
+    # Merge with weights [1.0, -1.0] - should cancel out exactly
+    pc.add_weighted_adapter(model, adapters=["adapter1", "adapter2"], weights=[1.0, -1.0], adapter_name="cancelled",
+                            combination_type="linear")
+    for c in adapter_sets(model):
+        dw_cancelled = c["cancelled"].delta_weight()
+        assert torch.allclose(dw_cancelled, torch.zeros_like(dw_cancelled))
+
+
+def test_add_weighted_adapter_negative_weight_with_different_scaling():
+    # Test negative weights with different scaling factors (lora_alpha)
+    common = {"r": 8, "target_modules": ["lin0"], "lora_dropout": 0.0, "bias": "none", "init_lora_weights": False}
+    _, peft_model, model = mlp_twin([("adapter1", {**common, "lora_alpha": 16}),  # scaling = 16/8 = 2
+                                     ("adapter2", {**common, "lora_alpha": 32})], seed=42)  # scaling = 32/8 = 4
+    # Merge with negative weight - should handle different scalings correctly
+    for m in (model, peft_model):
+        kw = {"adapters": ["adapter1", "adapter2"], "weights": [0.5, -0.3], "adapter_name": "merged_diff_scaling",
+              "combination_type": "linear"}
+        pc.add_weighted_adapter(m, **kw) if m is model else m.add_weighted_adapter(**kw)
+    # Verify the merged adapter can run forward pass (and gives PEFT's output)
+    pc.set_active(model, "merged_diff_scaling")
+    peft_model.set_adapter("merged_diff_scaling")
+    dummy_input = torch.randn(2, 10)
+    output = model(dummy_input)
+    assert output is not None
+    with torch.no_grad():
+        torch.testing.assert_close(output, peft_model(dummy_input), rtol=1e-5, atol=1e-5)
