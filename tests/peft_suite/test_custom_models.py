@@ -1194,13 +1194,18 @@ def test_requires_grad_lora_targets(method, same):
 @pytest.mark.parametrize("is_trainable", [False, True])
 @pytest.mark.parametrize("config_cls", [LoraConfig, GraloraConfig])
 @pytest.mark.parametrize("modules_to_save", [False, True], ids=["plain", "modules_to_save"])
-def test_loading_model_requires_grad_set_correctly(config_cls, is_trainable, modules_to_save, tmp_path):
-    # and test_loading_model_with_modules_to_save_requires_grad_set_correctly (our own format:
-    # PEFT's modules_to_save layout is refused, see REFUSED_CHECKPOINTS)
-    spec = to_spec(config_cls, {"target_modules": ["layers.0.lin0"],
-                                **({"modules_to_save": ["layers.0.lin1"]} if modules_to_save else {})})
-    pc.save_adapters(pc.adapt(_deepmlp(), spec), tmp_path)
-    model = pc.load_adapters(_deepmlp(), tmp_path, is_trainable=is_trainable)
+@pytest.mark.parametrize("checkpoint", ["peftcompile", "peft"])
+def test_loading_model_requires_grad_set_correctly(config_cls, is_trainable, modules_to_save, checkpoint, tmp_path):
+    # and test_loading_model_with_modules_to_save_requires_grad_set_correctly; "peft": the checkpoint
+    # is PEFT's save_pretrained (modules_to_save in PEFT's layout), loaded by pc.load_peft_adapter
+    kwargs = {"target_modules": ["layers.0.lin0"], **({"modules_to_save": ["layers.0.lin1"]} if modules_to_save else {})}
+    if checkpoint == "peft":
+        get_peft_model(_deepmlp(), config_cls(**kwargs)).save_pretrained(tmp_path)
+        load = pc.load_peft_adapter
+    else:
+        pc.save_adapters(pc.adapt(_deepmlp(), to_spec(config_cls, kwargs)), tmp_path)
+        load = pc.load_adapters
+    model = load(_deepmlp(), tmp_path, is_trainable=is_trainable)
 
     def check():
         for name, param in model.named_parameters():
@@ -1211,7 +1216,7 @@ def test_loading_model_requires_grad_set_correctly(config_cls, is_trainable, mod
 
     check()
     # load one more adapter; it is not activated
-    pc.load_adapters(model, tmp_path, "other", is_trainable=is_trainable)
+    load(model, tmp_path, "other", is_trainable=is_trainable)
     assert active(model) == ["default"]
     check()
 
