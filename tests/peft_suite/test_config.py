@@ -184,3 +184,31 @@ def test_targets_none_is_the_default():
 def test_bad_method_raises():
     with pytest.raises(AdapterTypeError, match="method config such as peftcompile.LoRA"):
         pc.AdapterSpec(LoraConfig(r=8))
+
+
+@pytest.mark.parametrize("method", [pc.LoRA(r=8, alpha=16), pc.GraLoRA()], ids=["lora", "gralora"])
+def test_lora_config_layers_to_transform_validation(method):
+    """Test that specifying layers_pattern without layers_to_transform raises an error"""
+    with pytest.raises(ValueError, match="When `layers_pattern` is specified, `layers_to_transform` must also be"):
+        LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], layers_pattern="model.layers")
+    with pytest.raises(pc.AdapterError, match="layers_pattern='model.layers' needs layers_to_transform"):
+        pc.AdapterSpec(method, targets=["query", "value"], layers_pattern="model.layers")
+    # Test that specifying both layers_to_transform and layers_pattern works fine (ours: a tuple)
+    spec = pc.AdapterSpec(method, targets=["query", "value"], layers_to_transform=[0, 1, 2],
+                          layers_pattern="model.layers")
+    assert spec.layers_to_transform == (0, 1, 2)
+    assert spec.layers_pattern == "model.layers"
+    # Test that not specifying either works fine
+    spec = pc.AdapterSpec(method, targets=["query", "value"])
+    assert spec.layers_to_transform is None
+    assert spec.layers_pattern is None
+
+
+@pytest.mark.parametrize("method", [pc.LoRA(), pc.GraLoRA()], ids=["lora", "gralora"])
+def test_config_layers_to_transform_index_zero(method):
+    # `layers_to_transform=0` selects the first layer and is a valid index (0 is falsy: a truthiness
+    # check would wrongly reject it with `layers_pattern`); ours normalises an int to a 1-tuple
+    assert LoraConfig(layers_to_transform=0, layers_pattern="model.layers").layers_to_transform == 0
+    spec = pc.AdapterSpec(method, targets=["q_proj"], layers_to_transform=0, layers_pattern="model.layers")
+    assert spec.layers_to_transform == (0,)
+    assert spec.layers_pattern == "model.layers"

@@ -336,6 +336,38 @@ def test_forward_float16(test_name, model_id, config_cls, config_kwargs, dtype, 
     model(**X)
 
 
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["float16", "bfloat16", "float32"])
+@CASES
+def test_adapter_dtype_autocast(test_name, model_id, config_cls, config_kwargs, dtype, autocast_adapter_dtype,
+                                tmp_path):
+    """checks that the dtype of the adapter corresponds to the expected dtype: adapt (PEFT's
+    get_peft_model and add_adapter), load_adapters (from_pretrained and load_adapter) and
+    load_peft_adapter of PEFT's own checkpoint, with and without autocasting adapter dtype
+    (PEFT's low_cpu_mem_usage has no counterpart here)."""
+    expected_dtype = torch.float32 if autocast_adapter_dtype else dtype
+    kw = {"autocast_adapter_dtype": autocast_adapter_dtype}
+
+    def adapter_dtypes(model):
+        return {p.dtype for n, p in model.named_parameters() if is_adapter_param(n)}
+
+    spec = to_spec(config_cls, config_kwargs)
+    model = pc.adapt(make(model_id, dtype), spec, **kw)
+    pc.adapt(model, spec, name="other", **kw)
+    assert adapter_dtypes(model) == {expected_dtype}
+    pc.save_adapters(model, tmp_path / "ours")
+    model = pc.load_adapters(make(model_id, dtype), tmp_path / "ours", "default", **kw)
+    pc.load_adapters(model, tmp_path / "ours", "other", **kw)
+    assert sorted(pc.adapters_of(model)) == ["default", "other"]
+    assert adapter_dtypes(model) == {expected_dtype}
+    # PEFT's checkpoint, and PEFT's dtypes for it
+    get_peft_model(make(model_id, dtype), config_cls(**config_kwargs)).save_pretrained(tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(make(model_id, dtype), tmp_path / "peft", **kw)
+    assert {p.dtype for n, p in peft_model.named_parameters() if peft_model.prefix in n} == {expected_dtype}
+    model = pc.load_peft_adapter(make(model_id, dtype), tmp_path / "peft", **kw)
+    assert adapter_dtypes(model) == {expected_dtype}
+
+
 @CASES
 def test_only_params_are_updated(test_name, model_id, config_cls, config_kwargs):
     X = inputs()
