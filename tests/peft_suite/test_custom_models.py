@@ -1447,3 +1447,36 @@ def test_add_weighted_adapter_negative_weight_with_different_scaling():
     assert output is not None
     with torch.no_grad():
         torch.testing.assert_close(output, peft_model(dummy_input), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [["default", "other"], ["other", "default"]], ids=["mts_first", "mts_second"])
+def test_add_weighted_adapter_modules_to_save_follow_the_first_adapter(order, tmp_path):
+    # PEFT's combined config is adapters[0]'s (replace(peft_config[adapters[0]], ...)): its
+    # modules_to_save get a copy of the original module for the new adapter; the other adapters'
+    # modules_to_save (on other modules: PEFT combines those) do not. Yardstick: PEFT's checkpoint
+    # keys and outputs for the combined adapter.
+    torch.manual_seed(0)
+    base = _deepmlp().eval()
+    X = {"X": torch.rand(9, 16)}
+    kw = {"default": {"target_modules": ["layers.0.lin0"], "modules_to_save": ["layers.0.lin1"]},
+          "other": {"target_modules": ["layers.0.lin0"], "modules_to_save": ["layers.1.lin1"]}}
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**kw["default"], init_lora_weights=False))
+    peft_model.add_adapter("other", LoraConfig(**kw["other"], init_lora_weights=False))
+    model = copy.deepcopy(base)
+    for name in ("default", "other"):
+        pc.adapt(model, to_spec(LoraConfig, kw[name]), name=name)
+        transplant(peft_model, model, name)
+    with torch.no_grad():  # both adapters trained their heads
+        for name, layer in (("default", 0), ("other", 1)):
+            peft_model.base_model.model.layers[layer].lin1.modules_to_save[name].weight.add_(1.0)
+            pc.set_active(model, name)
+            model.layers[layer].lin1.weight.add_(1.0)
+    peft_model.add_weighted_adapter(order, [1.0, 0.5], "combined", combination_type="cat")
+    pc.add_weighted_adapter(model, order, [1.0, 0.5], "combined", combination_type="cat")
+    assert pc.adapters_of(model)["combined"].trainable == tuple(kw[order[0]]["modules_to_save"])
+    assert peft_model.peft_config["combined"].modules_to_save == kw[order[0]]["modules_to_save"]
+    assert checkpoint_keys(model, "combined", tmp_path) == peft_checkpoint_keys(peft_model, "combined", tmp_path)
+    pc.set_active(model, "combined")
+    peft_model.set_adapter("combined")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**X), peft_model(**X), rtol=1e-5, atol=1e-5)
