@@ -20,7 +20,7 @@ from .errors import AdapterError, AdapterTypeError
 from .methods import DEFAULT_METHOD, get_method, method_for
 from .modules import SiteAdapter
 from .spec import AdapterSpec, exact_targets
-from .state import require_state, site_adapters
+from .state import require_state, site_adapters, trainable_params
 
 __all__ = ["add_weighted_adapter", "COMBINATIONS"]
 
@@ -67,10 +67,18 @@ def _check_args(model: nn.Module, adapters: Sequence[str], weights: Sequence[flo
     if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
                                   or not 0 < svd_clamp <= 1):
         raise AdapterError(f"add_weighted_adapter: svd_clamp is a quantile in (0, 1] or None, got {svd_clamp!r}")
-    with_trainable = [a for a in adapters if st.specs[a].trainable is not None]
-    if len(with_trainable) > 1:
-        raise AdapterError(f"add_weighted_adapter: adapters {with_trainable} each train modules of their own "
-                           f"(trainable=...), which cannot be combined (PEFT refuses this too)")
+    # PEFT refuses adapters whose modules_to_save name the same module (one copy each, not additive);
+    # adapters training different modules combine, and the result trains adapters[0]'s (as PEFT)
+    owners: dict[str, list[str]] = {}
+    for a in adapters:
+        if st.specs[a].trainable is not None:
+            for key in trainable_params(model, st.specs[a].trainable):
+                owners.setdefault(key.removeprefix("trainable."), []).append(a)
+    shared = {k: v for k, v in owners.items() if len(v) > 1}
+    if shared:
+        raise AdapterError(f"add_weighted_adapter: adapters train the same module (trainable=...), whose copies "
+                           f"cannot be combined: {shared} (PEFT: 'Cannot add weighted adapters if they target the "
+                           f"same module with modules_to_save')")
     return adapters
 
 
@@ -118,7 +126,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     ``linear``: PEFT's weighted mix of the low-rank factors (equal ranks; not exact). One
     adapter alone is always combined ``linear`` when it can be (as PEFT does). As in PEFT the
     new adapter is frozen and not activated: ``set_active(model, adapter_name)`` (and
-    ``inference_mode=False`` to train it). Weights may be negative.
+    ``inference_mode=False`` to train it). Weights may be negative. ``trainable`` modules: the
+    new adapter trains ``adapters[0]``'s, from their original values (PEFT: its config is
+    ``adapters[0]``'s); adapters training the same module are refused (as PEFT).
     """
     from .distributed import unwrap
 
@@ -153,7 +163,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             new[c.site] = _combine(present, combination_type, rank, svd)
     target = get_method(DEFAULT_METHOD)
     cfg, _ = target.from_factors(*next(iter(new.values())))
-    trainable = next((st.specs[a].trainable for a in adapters if st.specs[a].trainable is not None), None)
+    trainable = st.specs[adapters[0]].trainable  # PEFT: the new config is adapters[0]'s
     plan = plan_adapt(model, AdapterSpec(cfg, exact_targets(new), trainable=trainable), adapter_name)
     dtype = next(iter(conts[0][adapters[0]].parameters())).dtype
     previous = st.active

@@ -220,8 +220,7 @@ SUPPORTED = [
 ]
 IDS = [row[0] for row in SUPPORTED]
 
-#: Rows with PEFT's ``modules_to_save`` (our ``trainable``): trained in place, not a per-adapter
-#: copy (README "Coming from PEFT": modules_to_save row, and "Limits").
+#: Rows with PEFT's ``modules_to_save`` (our ``trainable``: one copy per adapter, as PEFT).
 def has_trainable(kwargs: dict) -> bool:
     return bool(kwargs.get("modules_to_save"))
 
@@ -229,21 +228,24 @@ def has_trainable(kwargs: dict) -> bool:
 def to_spec(config_cls, kwargs: dict) -> pc.AdapterSpec:
     """The peftcompile spec of a PEFT config (only what peftcompile implements)."""
     kw = dict(kwargs)
-    targets = kw.pop("target_modules")
+    targets = kw.pop("target_modules")  # None: PEFT's per-architecture default (ours too)
     trainable = kw.pop("modules_to_save", None)
+    extra = {k: kw.pop(k) for k in ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
+             if kw.get(k) is not None}
     for ignored in ("init_lora_weights", "init_weights", "task_type", "base_model_name_or_path"):
         kw.pop(ignored, None)
     assert kw.pop("bias", "none") == "none"
     if config_cls is LoraConfig:
-        method = pc.LoRA(r=kw.pop("r", 8), alpha=kw.pop("lora_alpha", 8), dropout=kw.pop("lora_dropout", 0.0))
+        method = pc.LoRA(r=kw.pop("r", 8), alpha=kw.pop("lora_alpha", 8), dropout=kw.pop("lora_dropout", 0.0),
+                         use_rslora=kw.pop("use_rslora", False))
     elif config_cls is GraloraConfig:
         method = pc.GraLoRA(r=kw.pop("r", 32), k=kw.pop("gralora_k", 2), alpha=kw.pop("alpha", 64),
                             hybrid_r=kw.pop("hybrid_r", 0), dropout=kw.pop("gralora_dropout", 0.0))
     else:  # pragma: no cover - the tables only hold LoRA and GraLoRA
         raise AssertionError(config_cls)
     assert not kw, f"no peftcompile translation for {kw}"
-    return pc.AdapterSpec(method, targets=targets if isinstance(targets, str) else list(targets),
-                          trainable=trainable)
+    return pc.AdapterSpec(method, targets=targets if targets is None or isinstance(targets, str) else list(targets),
+                          trainable=trainable, **extra)
 
 
 def init_false(config_cls, kwargs: dict) -> dict:

@@ -159,17 +159,56 @@ def test_bad_hyperparameters_raise(method, kwargs, match):
 @pytest.mark.parametrize("targets, error, match", [
     ([1], AdapterTypeError, "must hold non-empty module names"),
     ([""], AdapterTypeError, "must hold non-empty module names"),
-    (None, AdapterTypeError, "not None"),
     (5, AdapterTypeError, "must be a str or a list of str"),
     ("(", pc.AdapterError, "is not a valid regex"),
-], ids=["int", "empty", "None", "5", "bad_regex"])
+], ids=["int", "empty", "5", "bad_regex"])
 def test_bad_targets_raise(targets, error, match):
-    # PEFT's target_modules=None means its per-architecture table; ours needs a target (README
-    # "Coming from PEFT": per-architecture default targets not there yet; the default is "all-linear")
     with pytest.raises(error, match=match):
         pc.AdapterSpec(pc.LoRA(), targets=targets)
+
+
+def test_targets_none_is_the_default():
+    # PEFT's target_modules=None (its default) means its per-architecture table, resolved when the
+    # model is known (tests/peft_suite/test_decoder_models.py: test_default_targets_equal_peft)
+    assert LoraConfig().target_modules is None
+    assert pc.AdapterSpec(pc.LoRA(), targets=None) == pc.AdapterSpec(pc.LoRA())
+    assert pc.AdapterSpec(pc.LoRA()).targets is None
+    # where PEFT has no default (a plain module) it raises; ours is "all-linear" (README "Coming from
+    # PEFT": LoraConfig() without target_modules)
+    with pytest.raises(ValueError, match="Please specify `target_modules`"):
+        get_peft_model(make("MLP"), LoraConfig())
+    model = pc.adapt(make("MLP"), pc.AdapterSpec(pc.LoRA()))
+    assert [c.site for _, _, c in site_adapters(model)] == ["lin0", "lin1"]
 
 
 def test_bad_method_raises():
     with pytest.raises(AdapterTypeError, match="method config such as peftcompile.LoRA"):
         pc.AdapterSpec(LoraConfig(r=8))
+
+
+@pytest.mark.parametrize("method", [pc.LoRA(r=8, alpha=16), pc.GraLoRA()], ids=["lora", "gralora"])
+def test_lora_config_layers_to_transform_validation(method):
+    """Test that specifying layers_pattern without layers_to_transform raises an error"""
+    with pytest.raises(ValueError, match="When `layers_pattern` is specified, `layers_to_transform` must also be"):
+        LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], layers_pattern="model.layers")
+    with pytest.raises(pc.AdapterError, match="layers_pattern='model.layers' needs layers_to_transform"):
+        pc.AdapterSpec(method, targets=["query", "value"], layers_pattern="model.layers")
+    # Test that specifying both layers_to_transform and layers_pattern works fine (ours: a tuple)
+    spec = pc.AdapterSpec(method, targets=["query", "value"], layers_to_transform=[0, 1, 2],
+                          layers_pattern="model.layers")
+    assert spec.layers_to_transform == (0, 1, 2)
+    assert spec.layers_pattern == "model.layers"
+    # Test that not specifying either works fine
+    spec = pc.AdapterSpec(method, targets=["query", "value"])
+    assert spec.layers_to_transform is None
+    assert spec.layers_pattern is None
+
+
+@pytest.mark.parametrize("method", [pc.LoRA(), pc.GraLoRA()], ids=["lora", "gralora"])
+def test_config_layers_to_transform_index_zero(method):
+    # `layers_to_transform=0` selects the first layer and is a valid index (0 is falsy: a truthiness
+    # check would wrongly reject it with `layers_pattern`); ours normalises an int to a 1-tuple
+    assert LoraConfig(layers_to_transform=0, layers_pattern="model.layers").layers_to_transform == 0
+    spec = pc.AdapterSpec(method, targets=["q_proj"], layers_to_transform=0, layers_pattern="model.layers")
+    assert spec.layers_to_transform == (0,)
+    assert spec.layers_pattern == "model.layers"

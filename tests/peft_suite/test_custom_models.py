@@ -43,17 +43,6 @@ def trainable_module_names(config_kwargs) -> set[str]:
     return {f"{m}.{p}" for m in config_kwargs.get("modules_to_save") or () for p in ("weight", "bias")}
 
 
-def base_with_trained_modules(base, model, config_kwargs):
-    """The base model carrying ``model``'s trained modules_to_save weights (what our disabled()
-    runs: README "Limits": trainable modules are trained in place, not a per-adapter copy)."""
-    ref = copy.deepcopy(base)
-    sd = model.state_dict()
-    with torch.no_grad():
-        for k in trainable_module_names(config_kwargs):
-            ref.state_dict(keep_vars=True)[k].copy_(sd[k])
-    return ref
-
-
 # ----------------------------------------------------------------------------- yardstick
 @CASES
 def test_forward_equals_peft(test_name, model_id, config_cls, config_kwargs):
@@ -326,16 +315,12 @@ def test_forward_float16(test_name, model_id, config_cls, config_kwargs, dtype, 
     X = inputs()
     model = make(model_id, dtype)
     model.dtype = dtype
-    model = pc.adapt(model, to_spec(config_cls, config_kwargs)).eval()
+    # PEFT's test_adapter_dtype_autocast: adapters are float32 on a 16-bit base by default
+    # (autocast_adapter_dtype=True, as PEFT); autocast_adapter_dtype=False keeps the base dtype.
+    kw = {} if fp32_adapters else {"autocast_adapter_dtype": False}
+    model = pc.adapt(model, to_spec(config_cls, config_kwargs), **kw).eval()
     adapter_dtypes = {p.dtype for n, p in model.named_parameters() if is_adapter_param(n)}
-    # PEFT's test_adapter_dtype_autocast: PEFT keeps adapters in float32 on a 16-bit base by default
-    # (autocast_adapter_dtype=True). Ours take the base dtype (README "Coming from PEFT": not there yet);
-    # float32 adapters are opt-in by casting the adapter sets, and then run as PEFT's do.
-    assert adapter_dtypes == {dtype}
-    if fp32_adapters:
-        for c in adapter_sets(model):
-            c.float()
-        assert {p.dtype for n, p in model.named_parameters() if is_adapter_param(n)} == {torch.float32}
+    assert adapter_dtypes == {torch.float32 if fp32_adapters else dtype}
     # check that none of this raises an error
     model(**X)
     pc.merge(model, safe_merge=False)
@@ -349,6 +334,38 @@ def test_forward_float16(test_name, model_id, config_cls, config_kwargs, dtype, 
     model = pc.merge_and_unload(model)
     assert {p.dtype for p in model.parameters()} == {dtype}
     model(**X)
+
+
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["float16", "bfloat16", "float32"])
+@CASES
+def test_adapter_dtype_autocast(test_name, model_id, config_cls, config_kwargs, dtype, autocast_adapter_dtype,
+                                tmp_path):
+    """checks that the dtype of the adapter corresponds to the expected dtype: adapt (PEFT's
+    get_peft_model and add_adapter), load_adapters (from_pretrained and load_adapter) and
+    load_peft_adapter of PEFT's own checkpoint, with and without autocasting adapter dtype
+    (PEFT's low_cpu_mem_usage has no counterpart here)."""
+    expected_dtype = torch.float32 if autocast_adapter_dtype else dtype
+    kw = {"autocast_adapter_dtype": autocast_adapter_dtype}
+
+    def adapter_dtypes(model):
+        return {p.dtype for n, p in model.named_parameters() if is_adapter_param(n)}
+
+    spec = to_spec(config_cls, config_kwargs)
+    model = pc.adapt(make(model_id, dtype), spec, **kw)
+    pc.adapt(model, spec, name="other", **kw)
+    assert adapter_dtypes(model) == {expected_dtype}
+    pc.save_adapters(model, tmp_path / "ours")
+    model = pc.load_adapters(make(model_id, dtype), tmp_path / "ours", "default", **kw)
+    pc.load_adapters(model, tmp_path / "ours", "other", **kw)
+    assert sorted(pc.adapters_of(model)) == ["default", "other"]
+    assert adapter_dtypes(model) == {expected_dtype}
+    # PEFT's checkpoint, and PEFT's dtypes for it
+    get_peft_model(make(model_id, dtype), config_cls(**config_kwargs)).save_pretrained(tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(make(model_id, dtype), tmp_path / "peft", **kw)
+    assert {p.dtype for n, p in peft_model.named_parameters() if peft_model.prefix in n} == {expected_dtype}
+    model = pc.load_peft_adapter(make(model_id, dtype), tmp_path / "peft", **kw)
+    assert adapter_dtypes(model) == {expected_dtype}
 
 
 @CASES
@@ -372,7 +389,7 @@ def test_only_params_are_updated(test_name, model_id, config_cls, config_kwargs)
     for name, param_before in params_before.items():
         param_after = params_after[name]
         if is_adapter_param(name) or name in trainable:
-            # README "Coming from PEFT": modules_to_save are trained in place (no per-adapter copy)
+            # modules_to_save: the active adapter's copy lives in the module's own parameters
             assert not torch.allclose(param_before, param_after, atol=tol, rtol=tol), name
         else:
             assert torch.allclose(param_before, param_after, atol=tol, rtol=tol), name
@@ -406,16 +423,6 @@ def test_save_load_roundtrip_peft_format(test_name, model_id, config_cls, config
     base, peft_model, model = twin(model_id, config_cls, config_kwargs)
     peft_model.eval(), model.eval()
     peft_model.save_pretrained(tmp_path / "from_peft")
-    if has_trainable(config_kwargs):
-        # README "Coming from PEFT" (modules_to_save row) / Limits: no per-adapter copy, so the PEFT
-        # layout of modules_to_save is neither written nor read; both directions are refused.
-        with pytest.raises(pc.AdapterError, match="modules_to_save"):
-            pc.save_adapters(model, tmp_path / "ours", format="peft")
-        fresh = make(model_id)
-        with pytest.raises(pc.AdapterError, match="modules_to_save"):
-            pc.load_peft_adapter(fresh, tmp_path / "from_peft")
-        assert state_of(fresh) is None
-        return
     pc.save_adapters(model, tmp_path / "ours", format="peft")
     with torch.no_grad():
         want = model(**X)
@@ -476,13 +483,7 @@ def test_disable_adapters(test_name, model_id, config_cls, config_kwargs):
 
     rtol, atol = 1e-8, 1e-8
     assert not torch.allclose(outputs_before, outputs_after, rtol=rtol, atol=atol)
-    if has_trainable(config_kwargs):
-        # README "Limits": trainable modules are trained in place, so disabled() runs the base with
-        # the trained head (PEFT switches its modules_to_save copy off too).
-        assert not torch.allclose(outputs_before, outputs_disabled)
-        assert torch.allclose(base_with_trained_modules(base, model, config_kwargs)(**X), outputs_disabled)
-    else:
-        assert torch.allclose(outputs_before, outputs_disabled)
+    assert torch.allclose(outputs_before, outputs_disabled)
     assert torch.allclose(outputs_after, outputs_enabled_after_disable)
 
 
@@ -514,11 +515,7 @@ def test_disable_adapters_with_merging(test_name, model_id, config_cls, config_k
     atol, rtol = 1e-5, 1e-5  # merging introduces some numerical instability
     assert not torch.allclose(outputs_before, outputs_after, atol=atol, rtol=rtol)
     assert torch.allclose(outputs_after, outputs_unmerged, atol=atol, rtol=rtol)
-    if has_trainable(config_kwargs):  # README "Limits": disabled() runs the base with the trained head
-        assert torch.allclose(base_with_trained_modules(base, model, config_kwargs).eval()(**X), outputs_disabled,
-                              atol=atol, rtol=rtol)
-    else:
-        assert torch.allclose(outputs_before, outputs_disabled, atol=atol, rtol=rtol)
+    assert torch.allclose(outputs_before, outputs_disabled, atol=atol, rtol=rtol)
     assert torch.allclose(outputs_after, outputs_enabled_after_disable, atol=atol, rtol=rtol)
 
 
@@ -719,11 +716,7 @@ def test_unload_adapter(test_name, model_id, config_cls, config_kwargs):
         logits_unload = model(**X)
     assert state_of(model) is None and not adapter_sets(model)
     assert not torch.allclose(logits_with_adapter, logits_unload, atol=1e-10, rtol=1e-10)
-    if has_trainable(config_kwargs):
-        # README "Limits": the trainable module's own weights were the trained ones (no copy to drop)
-        assert torch.allclose(base_with_trained_modules(base, model, config_kwargs)(**X), logits_unload)
-    else:
-        assert torch.allclose(logits_transformers, logits_unload, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(logits_transformers, logits_unload, atol=1e-4, rtol=1e-4)
     assert num_params_base == num_params_unloaded
 
 
@@ -787,16 +780,15 @@ def test_set_adapter_non_overlapping_modules_to_save(method):
 
 
 @pytest.mark.parametrize("method", [pc.LoRA(), pc.GraLoRA()], ids=["LoraConfig", "GraloraConfig"])
-def test_multiple_active_adapters_with_same_modules_to_save(method):
-    # PEFT raises ("Only one adapter can be set at a time for ModulesToSaveWrapper") since each
-    # adapter owns a copy. Ours trains the one module in place (README "Coming from PEFT",
-    # modules_to_save row), so two active adapters naming it share it and it stays trainable.
+def test_multiple_active_adapters_with_same_modules_to_save_raises(method):
+    # PEFT raises ("Only one adapter can be set at a time for ModulesToSaveWrapper"): each adapter
+    # owns a copy of the module. Ours refuses too, and the active adapter stays.
     model = _deepmlp()
     pc.adapt(model, pc.AdapterSpec(method, targets=["layers.0.lin0"], trainable=["layers.0.lin1"]), name="default")
     pc.adapt(model, pc.AdapterSpec(method, targets=["layers.0.lin0"], trainable=["layers.0.lin1"]), name="other")
-    pc.set_active(model, ["default", "other"])
-    assert model.layers[0].lin1.weight.requires_grad
-    assert active(model) == ["default", "other"]
+    with pytest.raises(pc.AdapterError, match="layers.0.lin1"):
+        pc.set_active(model, ["default", "other"])
+    assert active(model) == ["other"]
 
 
 @pytest.mark.parametrize("method", [pc.LoRA(), pc.GraLoRA()], ids=["LoraConfig", "GraloraConfig"])
@@ -923,11 +915,6 @@ REFUSED_CHECKPOINTS = [
     ("Vanilla MLP 4 LoRA bias=all", "MLP", LoraConfig, {"target_modules": ["lin0", "lin1"], "bias": "all"}, "bias='all'"),
     ("Vanilla MLP 4 LoRA bias=lora_only", "MLP", LoraConfig, {"target_modules": ["lin0", "lin1"],
                                                                "bias": "lora_only"}, "bias='lora_only'"),
-    # modules_to_save in a PEFT checkpoint (per-adapter copies): README "Coming from PEFT", modules_to_save row
-    ("Vanilla MLP 5 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
-     "modules_to_save"),
-    ("Vanilla MLP 5 GraLoRA", "MLP", GraloraConfig, {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
-     "modules_to_save"),
 ]
 
 #: rows whose layers or modules_to_save overlap pc.adapt refuses (README "Guarantees": "a listed
@@ -1045,14 +1032,19 @@ def test_multiple_active_adapters_forward(test_name, tuner_method, config_cls, c
         torch.testing.assert_close(adapter_2_output, peft_model(**X), rtol=1e-5, atol=1e-5)
         set_multiple_active_adapters(peft_model, ["adapter_1", "adapter_2"])
         torch.testing.assert_close(combined_output, peft_model(**X), rtol=1e-5, atol=1e-5)
-        if tuner_method == "lora":
-            # PEFT then checks add_weighted_adapter(cat, [1, 1]) == both active. add_weighted_adapter is
-            # not implemented (README "Coming from PEFT": not there yet); our two active adapters
-            # equal PEFT's combined adapter.
+    if tuner_method == "lora":
+        # Create a weighted adapter combining both adapters and check that its output is the same as
+        # setting multiple active adapters
+        pc.add_weighted_adapter(model, ["adapter_1", "adapter_2"], [1.0, 1.0], "new_combined_adapter",
+                                combination_type="cat")
+        pc.set_active(model, "new_combined_adapter")
+        new_combined_output = model(**X)
+        assert torch.allclose(new_combined_output, combined_output, atol=1e-5)
+        with torch.no_grad():  # yardstick: PEFT's combined adapter
             peft_model.add_weighted_adapter(["adapter_1", "adapter_2"], [1.0, 1.0], "new_combined_adapter",
                                             combination_type="cat")
             peft_model.set_adapter("new_combined_adapter")
-            assert torch.allclose(peft_model(**X), combined_output, atol=1e-5)
+            torch.testing.assert_close(new_combined_output, peft_model(**X), rtol=1e-5, atol=1e-5)
 
 
 @MULTI
@@ -1172,7 +1164,7 @@ def test_requires_grad_modules_to_save_default(method):
 def test_requires_grad_modules_to_save_disabling(method):
     # PEFT clears requires_grad while adapters are disabled. Ours leaves the flags as they are
     # (README "Coming from PEFT", below the table): a disabled adapter gets no gradient (it does not
-    # run), and the trainable module, trained in place, keeps training (README "Limits").
+    # run), and the trainable module keeps its flag.
     model = pc.adapt(make("MLP"), pc.AdapterSpec(method, targets=["lin0"], trainable=["lin1"]))
     expected = ("lin1.weight", "lin1.bias", *_ab("lin0", "default", method))
     pc.disable_adapter_layers(model)
@@ -1234,13 +1226,18 @@ def test_requires_grad_lora_targets(method, same):
 @pytest.mark.parametrize("is_trainable", [False, True])
 @pytest.mark.parametrize("config_cls", [LoraConfig, GraloraConfig])
 @pytest.mark.parametrize("modules_to_save", [False, True], ids=["plain", "modules_to_save"])
-def test_loading_model_requires_grad_set_correctly(config_cls, is_trainable, modules_to_save, tmp_path):
-    # and test_loading_model_with_modules_to_save_requires_grad_set_correctly (our own format:
-    # PEFT's modules_to_save layout is refused, see REFUSED_CHECKPOINTS)
-    spec = to_spec(config_cls, {"target_modules": ["layers.0.lin0"],
-                                **({"modules_to_save": ["layers.0.lin1"]} if modules_to_save else {})})
-    pc.save_adapters(pc.adapt(_deepmlp(), spec), tmp_path)
-    model = pc.load_adapters(_deepmlp(), tmp_path, is_trainable=is_trainable)
+@pytest.mark.parametrize("checkpoint", ["peftcompile", "peft"])
+def test_loading_model_requires_grad_set_correctly(config_cls, is_trainable, modules_to_save, checkpoint, tmp_path):
+    # and test_loading_model_with_modules_to_save_requires_grad_set_correctly; "peft": the checkpoint
+    # is PEFT's save_pretrained (modules_to_save in PEFT's layout), loaded by pc.load_peft_adapter
+    kwargs = {"target_modules": ["layers.0.lin0"], **({"modules_to_save": ["layers.0.lin1"]} if modules_to_save else {})}
+    if checkpoint == "peft":
+        get_peft_model(_deepmlp(), config_cls(**kwargs)).save_pretrained(tmp_path)
+        load = pc.load_peft_adapter
+    else:
+        pc.save_adapters(pc.adapt(_deepmlp(), to_spec(config_cls, kwargs)), tmp_path)
+        load = pc.load_adapters
+    model = load(_deepmlp(), tmp_path, is_trainable=is_trainable)
 
     def check():
         for name, param in model.named_parameters():
@@ -1251,7 +1248,7 @@ def test_loading_model_requires_grad_set_correctly(config_cls, is_trainable, mod
 
     check()
     # load one more adapter; it is not activated
-    pc.load_adapters(model, tmp_path, "other", is_trainable=is_trainable)
+    load(model, tmp_path, "other", is_trainable=is_trainable)
     assert active(model) == ["default"]
     check()
 
@@ -1276,3 +1273,210 @@ def test_loading_model_requires_grad_load_adapter_then_add_adapter(tmp_path):
     pc.adapt(model, pc.AdapterSpec(pc.LoRA(), targets=["layers.0.lin0"]), name="other")
     pc.set_active(model, ["default", "other"])
     assert trainable_names(model) == {"layers.0.lin0.peftcompile.other.lora_A", "layers.0.lin0.peftcompile.other.lora_B"}
+
+
+# ----------------------------------------------------------------------------- modules_to_save / add_weighted_adapter
+def mlp_twin(adapters, seed=0):
+    """PEFT's MLP with ``adapters`` ([(name, LoraConfig kwargs)], the first via get_peft_model) in PEFT
+    and in ours, with PEFT's adapter weights copied into ours; PEFT's active adapter (the first)."""
+    torch.manual_seed(seed)
+    base = make("MLP").eval()
+    (name0, kw0), *rest = adapters
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**kw0), adapter_name=name0)
+    for name, kw in rest:
+        peft_model.add_adapter(name, LoraConfig(**kw))
+    ours = copy.deepcopy(base)
+    for name, kw in adapters:
+        pc.adapt(ours, to_spec(LoraConfig, kw), name=name)
+        transplant(peft_model, ours, name)
+    pc.set_active(ours, name0)
+    return base, peft_model.eval(), ours.eval()
+
+
+def checkpoint_keys(model, name, tmp_path):
+    pc.save_adapters(model, tmp_path / name, name=name, format="peft")
+    return set(load_file(tmp_path / name / "adapter_model.safetensors"))
+
+
+def peft_checkpoint_keys(peft_model, name, tmp_path):
+    peft_model.save_pretrained(tmp_path / "peft", selected_adapters=[name])
+    sub = tmp_path / "peft" if name == "default" else tmp_path / "peft" / name
+    return set(load_file(sub / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", [pc.LoRA(), pc.GraLoRA()], ids=["LoraConfig", "GraloraConfig"])
+def test_multiple_active_adapters_with_overlapping_modules_to_save_raises(method):
+    # same test as the previous one, but targeting multiple modules_to_save, some of which overlap
+    model = _deepmlp()
+    pc.adapt(model, pc.AdapterSpec(method, targets=["layers.0.lin0"], trainable=["layers.0.lin1", "layers.1.lin1"]),
+             name="default")
+    # adding the adapter is fine
+    pc.adapt(model, pc.AdapterSpec(method, targets=["layers.0.lin0"], trainable=["layers.2.lin1", "layers.1.lin1"]),
+             name="other")
+    with pytest.raises(pc.AdapterError, match="layers.1.lin1"):  # PEFT: ValueError ("Only one adapter ...")
+        pc.set_active(model, ["default", "other"])
+    assert active(model) == ["other"]
+
+
+@pytest.mark.parametrize("order_switched", [False, True], ids=["", "order_switched"])
+def test_multiple_adapters_mixed_modules_to_save(order_switched, tmp_path):
+    # See PEFT issue 1574: one adapter with modules_to_save, one without (and the order switched):
+    # each adapter holds a copy only of its own modules_to_save (yardstick: its checkpoint has the same
+    # keys as PEFT's), and switching adapters and predicting does not raise
+    with_mts, without = {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}, {"target_modules": ["lin0"]}
+    configs = [("default", without), ("other", with_mts)] if order_switched else \
+        [("default", with_mts), ("other", without)]
+    _, peft_model, model = mlp_twin(configs)
+    keys = {n: checkpoint_keys(model, n, tmp_path) for n in ("default", "other")}
+    holder, plain = ("other", "default") if order_switched else ("default", "other")
+    assert {"base_model.model.lin1.weight", "base_model.model.lin1.bias"} <= keys[holder]
+    assert not any(".lin1." in k for k in keys[plain])
+    for n in ("default", "other"):
+        assert keys[n] == peft_checkpoint_keys(peft_model, n, tmp_path / n)
+    X = inputs()
+    model(**X)  # "default" adapter is active
+    pc.set_active(model, "other")  # switch to "other" adapter
+    model(**X)
+
+
+def test_multiple_adapters_mixed_modules_to_save_merging_adapters():
+    # See PEFT issue 1574: merging adapter weights works when one adapter has a modules_to_save and the
+    # other hasn't; the merged adapter gets its own copy of the module (PEFT: a copy of the original
+    # module; yardstick below with a trained "default" copy). PEFT's name "merged" is an attribute of
+    # our adapter containers (nn.ModuleDict.merged is refused as an adapter name): "merged_adapter".
+    X = inputs()
+    base, peft_model, model = mlp_twin([("default", {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}),
+                                        ("other", {"target_modules": ["lin0"]})])
+    with torch.no_grad():  # "default" trained its head
+        peft_model.base_model.model.lin1.modules_to_save["default"].weight.add_(1.0)
+        model.lin1.weight.add_(1.0)
+    # check that this does not raise
+    pc.add_weighted_adapter(model, ["default", "other"], weights=[1.0, 1.0], adapter_name="merged_adapter")
+    peft_model.add_weighted_adapter(["default", "other"], weights=[1.0, 1.0], adapter_name="merged_adapter")
+    assert pc.adapters_of(model)["merged_adapter"].trainable == pc.adapters_of(model)["default"].trainable
+    # check that using the merged adapter does not raise, and gives PEFT's outputs
+    pc.set_active(model, "merged_adapter")
+    peft_model.set_adapter("merged_adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**X), peft_model(**X), rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.lin1.weight, base.lin1.weight)
+        pc.set_active(model, "default")
+        assert torch.equal(model.lin1.weight, base.lin1.weight + 1.0)
+
+
+def test_multiple_adapters_same_modules_to_save_merging_adapters_raises():
+    # See PEFT issue 1574: the two adapters target the same module with modules_to_save; combining them
+    # raises (PEFT: ValueError "Cannot add weighted adapters if they target the same module with
+    # modules_to_save"), and nothing is added
+    config = {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}
+    _, peft_model, model = mlp_twin([("default", config), ("other", config)])
+    with pytest.raises(ValueError, match="Cannot add weighted adapters if they target the same module"):
+        peft_model.add_weighted_adapter(["default", "other"], weights=[1.0, 1.0], adapter_name="merged")
+    with pytest.raises(pc.AdapterError, match="cannot be combined"):
+        pc.add_weighted_adapter(model, ["default", "other"], weights=[1.0, 1.0], adapter_name="merged_adapter")
+    assert sorted(pc.adapters_of(model)) == ["default", "other"]
+
+
+def test_add_weighted_adapter_cat_with_rank_pattern():
+    # Fixes a bug described in PEFT #2512, which resulted from the rank_pattern not being taken into account
+    X = inputs()
+    _, peft_model, model = mlp_twin([
+        ("default", {"target_modules": ["lin0", "lin1"], "r": 8, "rank_pattern": {"lin0": 2}}),
+        ("other", {"target_modules": ["lin0", "lin1"], "r": 8, "rank_pattern": {"lin0": 16}})])
+    pc.add_weighted_adapter(model, ["default", "other"], weights=[1.0, 1.0], adapter_name="merged_adapter",
+                            combination_type="cat")
+    peft_model.add_weighted_adapter(["default", "other"], weights=[1.0, 1.0], adapter_name="merged_adapter",
+                                    combination_type="cat")
+    for site in ("lin0", "lin1"):  # PEFT's rank (the sum of each adapter's largest rank) at every site
+        assert model.get_submodule(site).peftcompile["merged_adapter"].lora_A.shape[0] == \
+            peft_model.base_model.model.get_submodule(site).r["merged_adapter"]
+    pc.set_active(model, "merged_adapter")
+    peft_model.set_adapter("merged_adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**X), peft_model(**X), rtol=1e-5, atol=1e-5)
+
+
+def test_add_weighted_adapter_negative_weight_negates_adapter():
+    # Test that weight=-1.0 properly negates an adapter
+    _, peft_model, model = mlp_twin([("adapter1", {"target_modules": ["lin0"], "init_lora_weights": False})], seed=42)
+    # Create merged adapter with weight=-1.0
+    pc.add_weighted_adapter(model, adapters=["adapter1"], weights=[-1.0], adapter_name="merged_negative",
+                            combination_type="linear")
+    for c in adapter_sets(model):
+        dw_adapter1 = c["adapter1"].delta_weight()
+        dw_negative = c["merged_negative"].delta_weight()
+        assert torch.allclose(dw_adapter1, -dw_negative, atol=1e-6)
+        assert not torch.allclose(dw_adapter1, torch.zeros_like(dw_adapter1))
+
+
+def test_add_weighted_adapter_subtraction_with_negative_weights():
+    # Test that merging two identical adapters with weights [1.0, -1.0] results in approximately zero weights
+    config = {"target_modules": ["lin0"], "init_lora_weights": False}
+    base = make("MLP")
+    torch.manual_seed(42)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**config), adapter_name="adapter1")
+    torch.manual_seed(42)
+    peft_model.add_adapter("adapter2", LoraConfig(**config))  # the same draws as adapter1
+    model = base
+    for name in ("adapter1", "adapter2"):
+        pc.adapt(model, to_spec(LoraConfig, config), name=name)
+        transplant(peft_model, model, name)
+    # Merge with weights [1.0, -1.0] - should cancel out exactly
+    pc.add_weighted_adapter(model, adapters=["adapter1", "adapter2"], weights=[1.0, -1.0], adapter_name="cancelled",
+                            combination_type="linear")
+    for c in adapter_sets(model):
+        dw_cancelled = c["cancelled"].delta_weight()
+        assert torch.allclose(dw_cancelled, torch.zeros_like(dw_cancelled))
+
+
+def test_add_weighted_adapter_negative_weight_with_different_scaling():
+    # Test negative weights with different scaling factors (lora_alpha)
+    common = {"r": 8, "target_modules": ["lin0"], "lora_dropout": 0.0, "bias": "none", "init_lora_weights": False}
+    _, peft_model, model = mlp_twin([("adapter1", {**common, "lora_alpha": 16}),  # scaling = 16/8 = 2
+                                     ("adapter2", {**common, "lora_alpha": 32})], seed=42)  # scaling = 32/8 = 4
+    # Merge with negative weight - should handle different scalings correctly
+    for m in (model, peft_model):
+        kw = {"adapters": ["adapter1", "adapter2"], "weights": [0.5, -0.3], "adapter_name": "merged_diff_scaling",
+              "combination_type": "linear"}
+        pc.add_weighted_adapter(m, **kw) if m is model else m.add_weighted_adapter(**kw)
+    # Verify the merged adapter can run forward pass (and gives PEFT's output)
+    pc.set_active(model, "merged_diff_scaling")
+    peft_model.set_adapter("merged_diff_scaling")
+    dummy_input = torch.randn(2, 10)
+    output = model(dummy_input)
+    assert output is not None
+    with torch.no_grad():
+        torch.testing.assert_close(output, peft_model(dummy_input), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [["default", "other"], ["other", "default"]], ids=["mts_first", "mts_second"])
+def test_add_weighted_adapter_modules_to_save_follow_the_first_adapter(order, tmp_path):
+    # PEFT's combined config is adapters[0]'s (replace(peft_config[adapters[0]], ...)): its
+    # modules_to_save get a copy of the original module for the new adapter; the other adapters'
+    # modules_to_save (on other modules: PEFT combines those) do not. Yardstick: PEFT's checkpoint
+    # keys and outputs for the combined adapter.
+    torch.manual_seed(0)
+    base = _deepmlp().eval()
+    X = {"X": torch.rand(9, 16)}
+    kw = {"default": {"target_modules": ["layers.0.lin0"], "modules_to_save": ["layers.0.lin1"]},
+          "other": {"target_modules": ["layers.0.lin0"], "modules_to_save": ["layers.1.lin1"]}}
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**kw["default"], init_lora_weights=False))
+    peft_model.add_adapter("other", LoraConfig(**kw["other"], init_lora_weights=False))
+    model = copy.deepcopy(base)
+    for name in ("default", "other"):
+        pc.adapt(model, to_spec(LoraConfig, kw[name]), name=name)
+        transplant(peft_model, model, name)
+    with torch.no_grad():  # both adapters trained their heads
+        for name, layer in (("default", 0), ("other", 1)):
+            peft_model.base_model.model.layers[layer].lin1.modules_to_save[name].weight.add_(1.0)
+            pc.set_active(model, name)
+            model.layers[layer].lin1.weight.add_(1.0)
+    peft_model.add_weighted_adapter(order, [1.0, 0.5], "combined", combination_type="cat")
+    pc.add_weighted_adapter(model, order, [1.0, 0.5], "combined", combination_type="cat")
+    assert pc.adapters_of(model)["combined"].trainable == tuple(kw[order[0]]["modules_to_save"])
+    assert peft_model.peft_config["combined"].modules_to_save == kw[order[0]]["modules_to_save"]
+    assert checkpoint_keys(model, "combined", tmp_path) == peft_checkpoint_keys(peft_model, "combined", tmp_path)
+    pc.set_active(model, "combined")
+    peft_model.set_adapter("combined")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**X), peft_model(**X), rtol=1e-5, atol=1e-5)

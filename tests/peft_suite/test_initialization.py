@@ -123,18 +123,96 @@ def test_lora_scaling_default():
     assert pc.GraLoRA(r=8, k=2, alpha=4, hybrid_r=2).scaling == 4 / (8 + 2)  # PEFT: alpha / (r + hybrid_r)
 
 
-# Rank/alpha patterns, rsLoRA and base-modifying inits: refused by name on load (README "Coming
-# from PEFT": rank_pattern / alpha_pattern / use_rslora are "refused by name today"; "Guarantees":
-# "base-modifying inits such as PiSSA/LoftQ"). The first four flip to parity tests when per-site
-# rank/alpha patterns and rsLoRA land.
+class ThreeLinears(nn.Module):
+    # PEFT's get_model names its layers linear / embed / conv2d; we adapt linear layers only, so all
+    # three are nn.Linear here: the rank / alpha patterns match by the same names as in PEFT's test.
+    def __init__(self, size=32):
+        super().__init__()
+        self.linear, self.embed, self.conv2d = (nn.Linear(size, size) for _ in range(3))
+
+    def forward(self, x):
+        return self.linear(x), self.embed(x), self.conv2d(x)
+
+
+def scalings(model, name="default"):
+    return {s: model.get_submodule(s).peftcompile[name].cfg.scaling for s in ("linear", "embed", "conv2d")}
+
+
+def lora_spec(config: LoraConfig) -> pc.AdapterSpec:
+    return pc.AdapterSpec(pc.LoRA(r=config.r, alpha=config.lora_alpha, use_rslora=config.use_rslora),
+                          targets=sorted(config.target_modules), rank_pattern=config.rank_pattern or None,
+                          alpha_pattern=config.alpha_pattern or None)
+
+
+def adapt_both(config: LoraConfig, tmp_path):
+    """(ours, PEFT's model, PEFT's checkpoint loaded by us), on the same base."""
+    torch.manual_seed(0)
+    base = ThreeLinears().eval()
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    peft_model.save_pretrained(tmp_path)
+    ours = pc.adapt(copy.deepcopy(base), lora_spec(config))
+    return ours, peft_model, pc.load_peft_adapter(copy.deepcopy(base), tmp_path)
+
+
+def assert_scalings(ours, peft_model, loaded, expected):
+    for s, want in expected.items():
+        assert peft_model.base_model.model.get_submodule(s).scaling["default"] == want  # PEFT's assertion
+    assert scalings(ours) == expected
+    assert scalings(loaded) == expected
+    x = torch.rand(4, 32)
+    with torch.no_grad():
+        for got, want in zip(loaded(x), peft_model(x)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_rslora_scaling(tmp_path):
+    config = LoraConfig(target_modules=["linear", "embed", "conv2d"], lora_alpha=3, r=16, use_rslora=True)
+    expected_scaling = config.lora_alpha / (config.r**0.5)
+    assert_scalings(*adapt_both(config, tmp_path), dict.fromkeys(("linear", "embed", "conv2d"), expected_scaling))
+
+
+def test_lora_default_scaling_pattern(tmp_path):
+    config = LoraConfig(target_modules=["linear", "embed", "conv2d"], rank_pattern={"embed": 9, "conv2d": 16},
+                        alpha_pattern={"linear": 11, "conv2d": 13}, lora_alpha=17, r=25, use_rslora=False)
+    expected_scaling = {
+        "linear": config.alpha_pattern["linear"] / config.r,
+        "embed": config.lora_alpha / config.rank_pattern["embed"],
+        "conv2d": config.alpha_pattern["conv2d"] / config.rank_pattern["conv2d"],
+    }
+    assert_scalings(*adapt_both(config, tmp_path), expected_scaling)
+
+
+def test_lora_rslora_scaling_pattern(tmp_path):
+    config = LoraConfig(target_modules=["linear", "embed", "conv2d"], rank_pattern={"embed": 9, "conv2d": 16},
+                        alpha_pattern={"linear": 11, "conv2d": 13}, lora_alpha=17, r=25, use_rslora=True)
+    expected_scaling = {
+        "linear": config.alpha_pattern["linear"] / (config.r**0.5),
+        "embed": config.lora_alpha / (config.rank_pattern["embed"] ** 0.5),
+        "conv2d": config.alpha_pattern["conv2d"] / (config.rank_pattern["conv2d"] ** 0.5),
+    }
+    assert_scalings(*adapt_both(config, tmp_path), expected_scaling)
+
+
+def test_rank_alpha_pattern_override():
+    torch.manual_seed(0)
+    layer = get_model(size=32)
+    model = pc.adapt(nn.Sequential(layer, layer), pc.AdapterSpec(
+        pc.LoRA(r=8, alpha=1), targets=["linear"], rank_pattern={"linear": 8}, alpha_pattern={"0.linear": 2}))
+    scaling_with_rank_pattern = model[0].linear.peftcompile["default"].cfg.scaling
+    layer = get_model(size=32)
+    model = pc.adapt(nn.Sequential(layer, layer), pc.AdapterSpec(
+        pc.LoRA(r=8, alpha=1), targets=["linear"], alpha_pattern={"0.linear": 2}))
+    scaling_without_rank_pattern = model[0].linear.peftcompile["default"].cfg.scaling
+    assert scaling_with_rank_pattern == scaling_without_rank_pattern
+    # PEFT's numbers on the same model
+    peft_model = get_peft_model(nn.Sequential(layer, layer), LoraConfig(
+        target_modules=["linear"], lora_alpha=1, r=8, rank_pattern={"linear": 8}, alpha_pattern={"0.linear": 2}))
+    assert peft_model.base_model.model[0].linear.scaling["default"] == scaling_with_rank_pattern == 2 / 8
+
+
+# Base-modifying inits, DoRA and lora_bias: refused by name on load (README "Guarantees":
+# "base-modifying inits such as PiSSA/LoftQ"; "Coming from PEFT": DoRA refused by name).
 REFUSED = [
-    ("test_lora_rslora_scaling", {"lora_alpha": 3, "r": 16, "use_rslora": True}, "use_rslora"),
-    ("test_lora_default_scaling_pattern", {"rank_pattern": {"linear": 9}, "alpha_pattern": {"linear": 11},
-                                           "lora_alpha": 17, "r": 25}, "pattern"),
-    ("test_rank_alpha_pattern_override", {"lora_alpha": 1, "r": 8, "rank_pattern": {"linear": 8},
-                                          "alpha_pattern": {"linear": 2}}, "pattern"),
-    ("test_lora_rslora_scaling_pattern", {"rank_pattern": {"linear": 9}, "alpha_pattern": {"linear": 11},
-                                          "lora_alpha": 17, "r": 25, "use_rslora": True}, "use_rslora|pattern"),
     ("test_lora_pissa_linear_init_default", {"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
     ("test_lora_olora_linear_init_default", {"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
     ("test_lora_use_dora_linear", {"use_dora": True}, "use_dora"),
