@@ -113,9 +113,12 @@ def sync_(model: nn.Module) -> None:
     with torch.no_grad():
         for key, owner in want.items():
             live = st.live[key]
+            p = _param(model, key)
+            # the original values never train: a step taken on them (e.g. inside disabled())
+            # would be dropped at the next swap, so they get no gradient at all
+            p.requires_grad_(owner is not BASE and owner not in st.frozen)
             if live == owner:
                 continue
-            p = _param(model, key)
             if live is not BASE and _store(model, live) is not None:
                 _get(model, live, key).copy_(p)
             p.copy_(_get(model, owner, key))

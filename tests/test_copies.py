@@ -267,3 +267,14 @@ def test_mixed_batches_with_per_adapter_heads_are_refused():
     pc.set_active(ours, "q")
     with torch.no_grad():
         assert torch.equal(ours(X, adapter_names=["q"] * 4), want["q"])
+
+
+def test_original_head_gets_no_gradient_inside_disabled():
+    """Inside disabled() the head holds the original values, which must not train (a step on
+    them would be dropped at exit); outside, the adapter's own head trains again."""
+    _, ours, _ = trained_pair()
+    ours.train()
+    with pc.disabled(ours):
+        assert not ours.fc2.weight.requires_grad and not ours.fc2.bias.requires_grad
+        assert not ours(X).requires_grad  # nothing that runs while disabled trains
+    assert ours.fc2.weight.requires_grad and ours(X).requires_grad
