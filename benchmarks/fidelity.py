@@ -2,7 +2,8 @@
 
     python benchmarks/fidelity.py --part A            # expressivity at equal parameters (~1 min)
     python benchmarks/fidelity.py --part B --seeds 5  # retrieval quality, LoRA / GraLoRA / RaSA (~10 min)
-    python benchmarks/fidelity.py --part C --seeds 5  # placement: DiffoRA vs random vs all (~4 min)
+    python benchmarks/fidelity.py --part C --seeds 5  # placement on planted problems (~3 CPU-min per problem)
+    python benchmarks/fidelity.py --part Ctask --seeds 5  # placement on the retrieval task (~5 CPU-min per seed)
     python benchmarks/fidelity.py --part all
 
 (A) Fit a target weight change dW with each method's own parameterisation (its reference
@@ -16,6 +17,10 @@
     Llama whose teacher differs from the base at known projections): fresh adapters on the
     DiffoRA sites vs on random placements vs on every site vs the planted (oracle) sites;
     warm start vs fresh; gate spread; recovery of the planted sites; cross-seed overlap.
+    ``--part Ctask``: the same comparison on the real task of (B) with the demo's search
+    (GraLoRA r8 k2, budget 0.5 of the 36 encoder sites, 20 search steps): DiffoRA fresh and
+    warm-started vs random placements of the same size vs all sites, recall@1 / MRR, paired
+    t-tests over seeds, gate spread, cross-seed Jaccard of the kept sites.
 
 Everything runs on one CPU thread under the caller's ``nice``; results go to
 ``benchmarks/fidelity_results.json`` (merged per part) and plots to ``benchmarks/fidelity_*.png``.
@@ -339,10 +344,15 @@ def _stack_problem(seed: int, n_planted: int = 3):
 LLAMA_KINDS = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _llama_problem(seed: int, n_planted: int = 3, kinds=LLAMA_KINDS):
+def _llama_problem(seed: int, n_planted: int = 3, kinds=LLAMA_KINDS, rel: float | None = 1.0):
     """Tiny Llama (4 layers, 28 sites); the teacher adds a rank-2 change at 3 random projections
     among ``kinds`` (q/k changes in a random tiny model move the logits ~100x less: planted
-    there, they are invisible to any method)."""
+    there, they are invisible to any method).
+
+    ``rel``: the change's Frobenius norm relative to the weight's own, ||dW|| = rel * ||W||.
+    ``rel=None`` is the first version of this problem, dW = 2 u v^T / sqrt(d_in) with u, v ~ N(0, 1):
+    entries ~0.35-0.5 against Llama's init std of 0.02, a change ~25x the weight itself, which
+    even fresh adapters on the planted sites cannot learn in some seeds (kept for comparison)."""
     from peftcompile.models import tiny_llama
 
     torch.manual_seed(seed)
@@ -355,7 +365,8 @@ def _llama_problem(seed: int, n_planted: int = 3, kinds=LLAMA_KINDS):
     with torch.no_grad():
         for s in planted:
             w = teacher.get_submodule(s).weight
-            w += 2.0 * torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g) / w.shape[1] ** 0.5
+            d = torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)
+            w += 2.0 * d / w.shape[1] ** 0.5 if rel is None else rel * w.norm() / d.norm() * d
 
     def batches(off, n=8):
         out = []
@@ -388,15 +399,26 @@ def _jaccard(a, b) -> float:
     return len(a & b) / len(a | b)
 
 
-def part_c(seeds: int, n_random: int = 5) -> dict:
+C_PROBLEMS = {
+    "residual MLP (12 blocks, 3 planted)": ("mlp", _stack_problem),
+    "tiny Llama (28 sites, 3 planted, ||dW|| = ||W||)": ("llama", _llama_problem),
+    # the first version of the problem (dW ~25x the weight), kept to show where the search fails
+    "tiny Llama (28 sites, 3 planted, dW ~25x W: first version)": ("llama_v1",
+                                                                   lambda s: _llama_problem(s, rel=None)),
+}
+
+
+def part_c(seeds: int, n_random: int = 5, only: str = "") -> dict:
+    """Planted problems; ``only``: comma-separated short names (mlp, llama, llama_v1) to run."""
     from peftcompile.diffora import DiffoRASearch, plot_placement
 
     t0 = time.perf_counter()
     spec = pc.AdapterSpec(pc.LoRA(r=2, alpha=4))
     out: dict = {"seeds": seeds, "n_random": n_random, "problems": {}}
-    problems = {"residual MLP (12 blocks, 3 planted)": (_stack_problem, dict(steps=100, lr=3e-2), 150),
-                "tiny Llama (28 sites, 3 planted)": (_llama_problem, dict(steps=100, lr=3e-2), 150)}
-    for pname, (make, skw, ft_steps) in problems.items():
+    want = {w.strip() for w in only.split(",") if w.strip()}
+    problems = {name: (short, make, dict(steps=100, lr=3e-2), 150) for name, (short, make) in C_PROBLEMS.items()
+                if not want or short in want}
+    for pname, (short, make, skw, ft_steps) in problems.items():
         rows = []
         for s in range(seeds):
             base, sites, planted, train, val, test, loss = make(s)
@@ -429,7 +451,7 @@ def part_c(seeds: int, n_random: int = 5) -> dict:
             row["diffora_rank_among_random"] = 1 + sum(r < row["loss_diffora_fresh"] for r in rand)
             rows.append(row)
             if s == 0:
-                plot_placement(warm, HERE / f"fidelity_C_gates_{'mlp' if 'MLP' in pname else 'llama'}.png",
+                plot_placement(warm, HERE / f"fidelity_C_gates_{short}.png",
                                title=f"DiffoRA gates, {pname.split(' (')[0]}, seed 0 (kept framed)")
             print(f"C  {pname} seed {s}: recovered {row['recovered']}/{k}, fresh {row['loss_diffora_fresh']:.5f} "
                   f"warm {row['loss_diffora_warm']:.5f} planted {row['loss_planted']:.5f} all {row['loss_all_sites']:.5f} "
@@ -446,12 +468,113 @@ def part_c(seeds: int, n_random: int = 5) -> dict:
                                   "planted_seed0": planted}
         print(f"C  {pname}: cross-seed Jaccard {overlap:.2f} {kept}", flush=True)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
-    _plot_c(out)
+    return out
+
+
+# (C, task) placement on the real task: the demo's retrieval task and search, several seeds
+C_TASK_METHOD = pc.GraLoRA(r=8, k=2, alpha=16)  # the demo's method
+C_TASK_TARGETS = r"encoder\.encoder\..*"  # the 36 encoder linear sites (the pooler is unused)
+
+
+def part_c_task(seeds: int, n_random: int, steps: int, bs: int, lr: float, budget: float,
+                search_steps: int) -> dict:
+    """DiffoRA (the demo's search) vs random placements of the same size vs all sites, on the
+    MiniLM docstring-retrieval task. Per seed: one search (seed = search seed; the task split is
+    fixed), then fresh adapters fine-tuned for ``steps`` on the DiffoRA sites, the same sites
+    warm-started, ``n_random`` random placements of the same size and every site; same data
+    order for every arm of a seed (paired)."""
+    from peftcompile.demo import retrieval_loss, retrieval_metrics
+    from peftcompile.diffora import n_kept, plot_placement, search
+
+    t0 = time.perf_counter()
+    base, data = _retrieval_setup(bs)
+    spec = pc.AdapterSpec(C_TASK_METHOD, targets=C_TASK_TARGETS)
+    out: dict = {"steps": steps, "batch": bs, "lr": lr, "budget": budget, "search_steps": search_steps,
+                 "n_random": n_random, "seeds": seeds, "method": repr(C_TASK_METHOD), "sizes": data.sizes,
+                 "zero_shot": retrieval_metrics(base, data.test), "rows": []}
+    for s in range(seeds):
+        ts = time.perf_counter()
+        p = search(base, spec, data.train, data.val, budget=budget, steps=search_steps, seed=s, lr=lr,
+                   loss_fn=retrieval_loss, progress=False)
+        t_search = time.perf_counter() - ts
+        sites = list(p.gates)
+        k = n_kept(budget, len(sites))
+        g = sorted(p.gates.values())
+        row = {"seed": s, "kept": p.sites, "gates": p.gates, "search_s": round(t_search, 1),
+               "gate_top_k_min": g[-k], "gate_rest_max": g[-k - 1] if k < len(g) else float("nan"),
+               "gates_near_0_or_1": sum(v < 0.05 or v > 0.95 for v in g) / len(g)}
+        row["diffora_fresh"] = _finetune_retrieval(base, data, spec, steps, lr, s, pc.Placement(list(p.sites)))
+        row["diffora_warm"] = _finetune_retrieval(base, data, spec, steps, lr, s, p)
+        row["all_sites"] = _finetune_retrieval(base, data, spec, steps, lr, s)
+        rng = random.Random(2000 + s)
+        row["random"] = []
+        for _ in range(n_random):
+            rs = sorted(rng.sample(sites, k), key=sites.index)
+            r = _finetune_retrieval(base, data, spec, steps, lr, s, pc.Placement(rs))
+            r["sites"] = rs
+            row["random"].append(r)
+        out["rows"].append(row)
+        if s == 0:
+            plot_placement(p, HERE / "fidelity_C_gates_task.png",
+                           title="DiffoRA gates, MiniLM retrieval, seed 0 (kept framed)")
+        rnd = [r["mrr"] for r in row["random"]]
+        print(f"C task seed {s}: MRR DiffoRA fresh {row['diffora_fresh']['mrr']:.3f} warm {row['diffora_warm']['mrr']:.3f} "
+              f"all {row['all_sites']['mrr']:.3f} random {sorted(round(x, 3) for x in rnd)}; gates top-K min "
+              f"{row['gate_top_k_min']:.2f} rest max {row['gate_rest_max']:.2f} [{time.perf_counter() - t0:.0f}s]", flush=True)
+    summarize_c_task(out)
+    return out
+
+
+def summarize_c_task(out: dict) -> dict:
+    """Mean +- std per arm, paired t-tests of DiffoRA (fresh) against the per-seed random mean and
+    against all sites, cross-seed overlap of the kept sites, plot."""
+    rows = out["rows"]
+    arms = {"DiffoRA (fresh)": [r["diffora_fresh"] for r in rows],
+            "DiffoRA (warm start)": [r["diffora_warm"] for r in rows],
+            "random (mean of the seed's placements)": [
+                {m: statistics.fmean(x[m] for x in r["random"]) for m in ("recall@1", "mrr")} for r in rows],
+            "all sites": [r["all_sites"] for r in rows]}
+    summ = {a: {m: mean_std(x[m] for x in v) for m in ("recall@1", "mrr")} for a, v in arms.items()}
+    if len(rows) > 1:
+        for a in ("DiffoRA (warm start)", "random (mean of the seed's placements)", "all sites"):
+            for m in ("recall@1", "mrr"):
+                summ[a][f"t_fresh_vs_this_{m}"] = _paired_t([x[m] for x in arms["DiffoRA (fresh)"]],
+                                                            [x[m] for x in arms[a]])
+    kept = [r["kept"] for r in rows]
+    n, k = len(rows[0]["gates"]), len(kept[0])
+    out["summary"] = summ
+    out["beats_every_random_mrr"] = sum(r["diffora_fresh"]["mrr"] > max(x["mrr"] for x in r["random"]) for r in rows)
+    out["above_random_mean_mrr"] = sum(r["diffora_fresh"]["mrr"] > statistics.fmean(x["mrr"] for x in r["random"])
+                                       for r in rows)
+    out["warm_ge_fresh_mrr"] = sum(r["diffora_warm"]["mrr"] >= r["diffora_fresh"]["mrr"] for r in rows)
+    out["cross_seed_jaccard"] = statistics.fmean(_jaccard(a, b) for a, b in itertools.combinations(kept, 2)) \
+        if len(kept) > 1 else float("nan")
+    # what two independent random K-of-N placements share on average: E|A&B| = k^2/n
+    inter = k * k / n
+    out["random_jaccard_expected"] = inter / (2 * k - inter)
+    out["kept_in_every_seed"] = sorted(set.intersection(*map(set, kept)))
+    fig = _figure(6.5, 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    for s, r in enumerate(rows):
+        ax.scatter([s] * len(r["random"]), [x["mrr"] for x in r["random"]], color="grey", s=12,
+                   label="random placement" if s == 0 else None)
+        ax.scatter([s], [r["diffora_fresh"]["mrr"]], color="red", marker="*", s=70, label="DiffoRA (fresh)" if s == 0 else None)
+        ax.scatter([s], [r["diffora_warm"]["mrr"]], color="orange", marker="^", s=30,
+                   label="DiffoRA (warm start)" if s == 0 else None)
+        ax.scatter([s], [r["all_sites"]["mrr"]], color="blue", marker="_", s=80,
+                   label=f"all {n} sites" if s == 0 else None)
+    ax.axhline(out["zero_shot"]["mrr"], color="grey", ls="--", lw=0.8, label="zero-shot")
+    ax.set_xlabel("seed (search + fine-tune)")
+    ax.set_ylabel("test MRR")
+    ax.set_title(f"(C) placement on MiniLM retrieval: {k} of {n} sites, {out['steps']} steps", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _savefig(fig, HERE / "fidelity_C_task.png")
     return out
 
 
 def _plot_c(out: dict) -> None:
-    fig = _figure(9, 3.4)
+    fig = _figure(4.4 * len(out["problems"]), 3.4)
     for i, (pname, d) in enumerate(out["problems"].items()):
         ax = fig.add_subplot(1, len(out["problems"]), i + 1)
         rows = d["rows"]
@@ -521,12 +644,38 @@ def tables(res: dict) -> str:
                         f"{sum(r['recovered'] for r in rows)}/{sum(len(r['planted']) for r in rows)}; "
                         f"cross-seed Jaccard of the kept sites (one problem, {len(d['cross_seed_kept'])} search seeds): "
                         f"{d['cross_seed_jaccard']:.2f}", ""]
+    if "C_task" in res and "summary" in res["C_task"]:
+        c = res["C_task"]
+        z = c["zero_shot"]
+        rows = c["rows"]
+        k, n = len(rows[0]["kept"]), len(rows[0]["gates"])
+        out += [f"**MiniLM retrieval, {k} of {n} sites, {len(rows)} seeds** (test recall@1 / MRR, mean ± std over seeds)", "",
+                "| arm | test recall@1 | test MRR | paired t, DiffoRA fresh vs this arm (R@1 / MRR) |", "|---|---|---|---|",
+                f"| zero-shot MiniLM | {z['recall@1']:.3f} | {z['mrr']:.3f} | |"]
+        for arm, row in c["summary"].items():
+            t = ""
+            if "t_fresh_vs_this_mrr" in row:
+                t = (f"t = {row['t_fresh_vs_this_recall@1'][0]:.2f}, p = {row['t_fresh_vs_this_recall@1'][1]:.3f} / "
+                     f"t = {row['t_fresh_vs_this_mrr'][0]:.2f}, p = {row['t_fresh_vs_this_mrr'][1]:.3f}")
+            out.append(f"| {arm} | {row['recall@1'][0]:.3f} ± {row['recall@1'][1]:.3f} | "
+                       f"{row['mrr'][0]:.3f} ± {row['mrr'][1]:.3f} | {t} |")
+        out += ["", "| seed | DiffoRA fresh MRR | warm | all sites | random MRR (each placement) | "
+                    "top-K gate min / rest max | gates < 0.05 or > 0.95 |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(f"| {r['seed']} | {r['diffora_fresh']['mrr']:.3f} | {r['diffora_warm']['mrr']:.3f} | "
+                       f"{r['all_sites']['mrr']:.3f} | {' '.join(format(x['mrr'], '.3f') for x in r['random'])} | "
+                       f"{r['gate_top_k_min']:.2f} / {r['gate_rest_max']:.2f} | {r['gates_near_0_or_1']:.0%} |")
+        out += ["", f"DiffoRA (fresh) above every random placement (MRR) in {c['beats_every_random_mrr']}/{len(rows)} seeds, "
+                    f"above the seed's random mean in {c['above_random_mean_mrr']}/{len(rows)}; warm start >= fresh in "
+                    f"{c['warm_ge_fresh_mrr']}/{len(rows)}; cross-seed Jaccard of the kept sites {c['cross_seed_jaccard']:.2f} "
+                    f"(two random placements of this size: {c['random_jaccard_expected']:.2f}); kept in every seed: "
+                    f"{len(c['kept_in_every_seed'])} sites", ""]
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["A", "B", "C", "all"], default="all")
+    ap.add_argument("--part", choices=["A", "B", "C", "Ctask", "all"], default="all")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--a-seeds", type=int, default=2)
     ap.add_argument("--a-steps", type=int, default=600)
@@ -534,6 +683,11 @@ def main() -> None:
     ap.add_argument("--b-batch", type=int, default=16)
     ap.add_argument("--b-lr", type=float, default=3e-3)
     ap.add_argument("--b-methods", default="", help="comma-separated name prefixes: run only these methods in B")
+    ap.add_argument("--c-problems", default="", help="C: comma-separated planted problems to run (mlp, llama, llama_v1)")
+    ap.add_argument("--c-random", type=int, default=3, help="random placements per seed in C on the task")
+    ap.add_argument("--c-steps", type=int, default=40)
+    ap.add_argument("--c-search-steps", type=int, default=20)
+    ap.add_argument("--c-budget", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tables", action="store_true", help="print the markdown tables of the saved results and exit")
     args = ap.parse_args()
@@ -547,16 +701,20 @@ def main() -> None:
     res: dict = {}
     cond = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
             "machine": platform.machine()}
-    for part in ("A", "B", "C"):
+    for part in ("A", "B", "C", "Ctask"):
         if args.part not in (part, "all"):
             continue
         t = time.perf_counter()
+        if part == "Ctask":
+            part = "C_task"
+            res[part] = part_c_task(args.seeds, args.c_random, args.c_steps, args.b_batch, args.b_lr,
+                                    args.c_budget, args.c_search_steps)
         if part == "A":
             res["A"] = part_a(args.a_seeds, args.a_steps)
         elif part == "B":
             res["B"] = part_b(args.seeds, args.b_steps, args.b_batch, args.b_lr, args.b_methods)
-        else:
-            res["C"] = part_c(args.seeds)
+        elif part == "C":
+            res["C"] = part_c(args.seeds, only=args.c_problems)
         res[part]["wall_s"] = round(time.perf_counter() - t, 1)
         res[part]["cpu_s"] = round(time.process_time(), 1)
         # re-read just before writing: parts may run as separate processes side by side
@@ -565,6 +723,12 @@ def main() -> None:
             res["B"]["runs"] = {**cur["B"].get("runs", {}), **res["B"]["runs"]}
         if part == "B":
             summarize_b(res["B"])
+        if part == "C" and "C" in cur:  # problems may run as separate processes: merge them
+            res["C"]["problems"] = {**{k: v for k, v in cur["C"].get("problems", {}).items() if k in C_PROBLEMS},
+                                    **res["C"]["problems"]}
+            res["C"]["problems"] = {k: res["C"]["problems"][k] for k in C_PROBLEMS if k in res["C"]["problems"]}
+        if part == "C":
+            _plot_c(res["C"])
         cur.update({part: res[part], "conditions": cond})
         _write_json(RESULTS, cur)
     print(f"results: {RESULTS}")

@@ -153,6 +153,67 @@ def test_search_on_tiny_llama_finds_the_planted_projections():
     assert min(p.gates[s] for s in where) > 0.8
 
 
+LLAMA_KINDS = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def planted_llama(seed: int, n_planted: int = 3, rel: float = 1.0):
+    """A 4-layer tiny Llama (28 projection sites) and a teacher that differs from it by a rank-2
+    change of Frobenius norm ``rel * ||W||`` at ``n_planted`` random projections (drawn from the
+    seed among v/o/gate/up/down; a q/k change hardly moves a random tiny model's logits). The
+    loss is the MSE to the teacher's logits. Same problem as benchmarks/fidelity.py (C)."""
+    from peftcompile.models import tiny_llama
+
+    torch.manual_seed(seed)
+    base = tiny_llama(num_hidden_layers=4).eval()
+    sites = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    where = sorted(random.Random(seed).sample([s for s in sites if s.endswith(LLAMA_KINDS)], n_planted))
+    teacher = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for s in where:
+            w = teacher.get_submodule(s).weight
+            d = torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)
+            w += rel * w.norm() / d.norm() * d
+
+    def batches(off):
+        out = []
+        for j in range(8):
+            ids = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(off + j))
+            with torch.no_grad():
+                out.append({"input_ids": ids, "t": teacher(input_ids=ids).logits})
+        return out
+
+    return base, sites, where, batches(0), batches(1000)
+
+
+def llama_mse(model, batch):
+    return F.mse_loss(model(input_ids=batch["input_ids"]).logits, batch["t"])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recovers_planted_projections_of_a_tiny_llama(seed):
+    """3 planted projections among 28 sites of an HF model: the search keeps exactly them and
+    the gates separate (the settings of benchmarks/fidelity.py C, where 5/5 seeds recover all 3)."""
+    base, sites, where, train, val = planted_llama(seed)
+    p = search(base, pc.AdapterSpec(pc.LoRA(r=2, alpha=4)), train, val, budget=3 / 28, steps=100,
+               loss_fn=llama_mse, lr=3e-2, seed=seed, progress=False)
+    assert sorted(p.gates) == sorted(sites)
+    assert sorted(p.sites) == where, sorted(p.gates.items(), key=lambda kv: -kv[1])[:5]
+    rest = [v for s, v in p.gates.items() if s not in where]
+    assert min(p.gates[s] for s in where) > 0.8 and max(rest) < 0.2, p.gates
+    assert sum(p.gates.values()) == pytest.approx(3.0, abs=1e-3)
+
+
+def test_tiny_llama_search_is_deterministic_for_a_seed():
+    base, sites, where, train, val = planted_llama(2)
+    kw = dict(budget=3 / 28, steps=12, warmup=4, loss_fn=llama_mse, lr=3e-2, progress=False)
+    spec = pc.AdapterSpec(pc.LoRA(r=2, alpha=4))
+    a, b = search(base, spec, train, val, seed=7, **kw), search(base, spec, train, val, seed=7, **kw)
+    assert a.gates == b.gates and a.sites == b.sites
+    assert all(torch.equal(a.weights[s][k], b.weights[s][k]) for s in a.weights for k in a.weights[s])
+    assert search(base, spec, train, val, seed=8, **kw).gates != a.gates
+
+
 # --- one home, no reaching up -------------------------------------------------------------
 
 def test_diffora_is_a_package_reachable_from_peftcompile():
@@ -246,6 +307,35 @@ def test_nan_loss_is_an_adapter_error_naming_the_step_and_model_is_untouched():
     with pytest.raises(SearchLossError, match="train loss is nan at step 2") as e:
         search(base, pc.AdapterSpec(pc.LoRA(r=2)), bad, val, steps=4, loss_fn=mse, shuffle=False, progress=False)
     assert isinstance(e.value, pc.AdapterError) and isinstance(e.value, FloatingPointError)
+    assert_unchanged(base, snap)
+
+
+@pytest.mark.parametrize("phase, value", [("train", float("nan")), ("validation", float("nan")),
+                                          ("train", float("inf")), ("validation", float("-inf"))])
+def test_non_finite_loss_names_phase_step_and_batches(phase, value):
+    """A NaN/inf loss in either step stops the search with the step, the phase and the argument
+    whose batch produced it; the user's model is untouched."""
+    base, where, train, val = planted(0, n_blocks=4)
+    snap = snapshot(base)
+    train, val = list(train[:4]), list(val[:4])
+    bad = train if phase == "train" else val
+    bad[2] = (bad[2][0], torch.full_like(bad[2][1], value))
+    what = "train_batches" if phase == "train" else "val_batches"
+    shown = "nan" if value != value else "inf"  # an MSE to a -inf target is +inf
+    with pytest.raises(SearchLossError, match=rf"the {phase} loss is {shown} at step 3 \(a batch of {what}\).*"
+                                              r"your model is unchanged"):
+        search(base, pc.AdapterSpec(pc.LoRA(r=2)), train, val, steps=6, warmup=0, loss_fn=mse, shuffle=False,
+               progress=False)
+    assert_unchanged(base, snap)
+
+
+def test_validation_batch_of_the_wrong_form_names_the_step():
+    base, where, train, val = planted(0, n_blocks=4)
+    snap = snapshot(base)
+    bad = list(val[:2]) + [["not", "a", "batch"]]
+    with pytest.raises(SearchInputError, match=r"validation step 3 \(val_batches\): expected \(x, y\) batches, got list"):
+        search(base, pc.AdapterSpec(pc.LoRA(r=2)), train, bad, steps=6, warmup=0, loss_fn=_strict_mse, shuffle=False,
+               progress=False)
     assert_unchanged(base, snap)
 
 
