@@ -413,7 +413,7 @@ def part_c(seeds: int, n_random: int = 5, only: str = "") -> dict:
     from peftcompile.diffora import DiffoRASearch, plot_placement
 
     t0 = time.perf_counter()
-    spec = pc.AdapterSpec(pc.LoRA(r=2, alpha=4))
+    spec = pc.AdapterSpec(pc.LoRA(r=2, alpha=4), targets="all-linear")  # candidates and the all-sites arm
     out: dict = {"seeds": seeds, "n_random": n_random, "problems": {}}
     want = {w.strip() for w in only.split(",") if w.strip()}
     problems = {name: (short, make, dict(steps=100, lr=3e-2), 150) for name, (short, make) in C_PROBLEMS.items()
