@@ -278,3 +278,18 @@ def test_original_head_gets_no_gradient_inside_disabled():
         assert not ours.fc2.weight.requires_grad and not ours.fc2.bias.requires_grad
         assert not ours(X).requires_grad  # nothing that runs while disabled trains
     assert ours.fc2.weight.requires_grad and ours(X).requires_grad
+
+
+def test_disabled_with_a_trainable_module_compiles_once_more_then_never(fresh_dynamo):
+    """README (switching table): freezing the original head inside disabled() changes a guarded
+    requires_grad, so that state compiles once; going back and forth then compiles nothing."""
+    from conftest import CountingBackend
+
+    m = pc.adapt(MLP().train(), pc.AdapterSpec(pc.LoRA(r=2), targets=["fc1"], trainable=["fc2"]))
+    counting = CountingBackend()
+    compiled = torch.compile(m, backend=counting)
+    for _ in range(2):
+        compiled(X).sum().backward()
+        with pc.disabled(m):
+            compiled(X)
+    assert counting.frames == 2
