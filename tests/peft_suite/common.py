@@ -303,3 +303,23 @@ def trainable_names(model: nn.Module) -> set[str]:
 
 def is_adapter_param(name: str) -> bool:
     return ".peftcompile." in name or name.startswith("peftcompile_shared.")
+
+
+def check_base_model_state_dict_round_trip(model: nn.Module, spec: pc.AdapterSpec) -> None:
+    """PEFT's test_get_base_model_state_dict: the base keys and values come back from an adapted
+    model, and set_base_model_state_dict restores perturbed base weights."""
+    base_model_keys = set(model.state_dict().keys())
+    original_state_dict = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_model = pc.adapt(model, spec)
+    extracted_state_dict = pc.get_base_model_state_dict(peft_model)
+    assert set(extracted_state_dict.keys()) == base_model_keys
+    for key in original_state_dict:
+        assert torch.allclose(original_state_dict[key], extracted_state_dict[key]), f"Value mismatch for key {key}"
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if not is_adapter_param(name) and param.is_floating_point():
+                param.add_(torch.randn_like(param) * 0.1)
+    pc.set_base_model_state_dict(peft_model, original_state_dict)
+    restored_state_dict = pc.get_base_model_state_dict(peft_model)
+    for key in original_state_dict:
+        assert torch.allclose(original_state_dict[key], restored_state_dict[key]), f"Roundtrip failed for {key}"

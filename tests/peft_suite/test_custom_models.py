@@ -23,8 +23,8 @@ from torch import nn
 import peftcompile as pc
 from peftcompile.state import state_of
 
-from .common import (IDS, SUPPORTED, active, adapter_sets, has_trainable, inputs, is_adapter_param, make,
-                     to_spec, trainable_names, transplant, twin)
+from .common import (IDS, SUPPORTED, active, adapter_sets, check_base_model_state_dict_round_trip, has_trainable,
+                     inputs, is_adapter_param, make, to_spec, trainable_names, transplant, twin)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CASES = pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs", SUPPORTED, ids=IDS)
@@ -722,22 +722,7 @@ def test_unload_adapter(test_name, model_id, config_cls, config_kwargs):
 
 @CASES
 def test_get_base_model_state_dict(test_name, model_id, config_cls, config_kwargs):
-    model = make(model_id)
-    base_model_keys = set(model.state_dict().keys())
-    original_state_dict = {k: v.clone() for k, v in model.state_dict().items()}
-    peft_model = pc.adapt(model, to_spec(config_cls, config_kwargs))
-    extracted_state_dict = pc.get_base_model_state_dict(peft_model)
-    assert set(extracted_state_dict.keys()) == base_model_keys
-    for key in original_state_dict:
-        assert torch.allclose(original_state_dict[key], extracted_state_dict[key]), f"Value mismatch for key {key}"
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if not is_adapter_param(name) and param.is_floating_point():
-                param.add_(torch.randn_like(param) * 0.1)
-    pc.set_base_model_state_dict(peft_model, original_state_dict)
-    restored_state_dict = pc.get_base_model_state_dict(peft_model)
-    for key in original_state_dict:
-        assert torch.allclose(original_state_dict[key], restored_state_dict[key]), f"Roundtrip failed for {key}"
+    check_base_model_state_dict_round_trip(make(model_id), to_spec(config_cls, config_kwargs))
 
 
 # ----------------------------------------------------------------------------- multiple adapters

@@ -23,7 +23,8 @@ import peftcompile as pc
 from peftcompile.models import TINY_VOCAB, tiny_gpt2, tiny_llama
 from peftcompile.state import state_of
 
-from .common import adapter_sets, init_false, is_adapter_param, to_spec, transplant, twin_of
+from .common import (adapter_sets, check_base_model_state_dict_round_trip, init_false, is_adapter_param, to_spec,
+                     transplant, twin_of)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -417,22 +418,7 @@ def test_passing_input_embeds_works(model_id, config_cls, config_kwargs):
 
 @cases
 def test_get_base_model_state_dict(model_id, config_cls, config_kwargs):
-    model = from_pretrained(model_id)
-    base_model_keys = set(model.state_dict().keys())
-    original_state_dict = {k: v.clone() for k, v in model.state_dict().items()}
-    peft_model = pc.adapt(model, to_spec(config_cls, config_kwargs))
-    extracted_state_dict = pc.get_base_model_state_dict(peft_model)
-    assert set(extracted_state_dict.keys()) == base_model_keys
-    for key in original_state_dict:
-        assert torch.allclose(original_state_dict[key], extracted_state_dict[key]), key
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if not is_adapter_param(name) and param.is_floating_point():
-                param.add_(torch.randn_like(param) * 0.1)
-    pc.set_base_model_state_dict(peft_model, original_state_dict)
-    restored_state_dict = pc.get_base_model_state_dict(peft_model)
-    for key in original_state_dict:
-        assert torch.allclose(original_state_dict[key], restored_state_dict[key]), key
+    check_base_model_state_dict_round_trip(from_pretrained(model_id), to_spec(config_cls, config_kwargs))
 
 
 # ----------------------------------------------------------------------------- documented differences
