@@ -148,7 +148,7 @@ def drop_copies_(model: nn.Module, name: str | None = None) -> None:
         return
     root._modules.pop(_slot(name), None)
     for key, owner in list(st.live.items()):
-        if owner == name:  # the parameter keeps the deleted adapter's values until the next sync
+        if owner == name:  # its values leave with it: the original is back until the next sync picks an owner
             st.live[key] = BASE
             with torch.no_grad():
                 _param(model, key).copy_(_get(model, BASE, key))
