@@ -21,7 +21,7 @@ from torch import nn
 from .copies import add_copies_, drop_copies_, original, owners_for, set_original_, sync_
 from . import rows
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
-from .methods import Method, method_for
+from .methods import Method, method_for, registered_methods
 from .modules import BASE_ROW, SharedTensors, SiteAdapter, SiteAdapterSet
 from .passes.capture import capture, site_kind
 from .passes.match import Site, match
@@ -160,8 +160,8 @@ def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str],
             kinds = sorted({type(model.get_submodule(n)).__name__ for n in others})
             raise AdapterError(
                 f"target {pat!r} names {kinds} module(s) {others[:4]}, which peftcompile cannot adapt (it adapts "
-                f"nn.Linear, F.linear on a parameter and HF Conv1D). Fix: remove {pat!r} from targets, or target "
-                f"the linear layers inside it"
+                f"nn.Linear, F.linear on a parameter, HF Conv1D, and nn.Embedding with LoRA). Fix: remove {pat!r} "
+                f"from targets, or target the linear layers inside it"
             )
         warnings.warn(f"target {pat!r} matched no site of {type(model).__name__}; check the spelling",
                       AdapterWarning, stacklevel=4)
@@ -232,7 +232,8 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
 
     # capture + match
     cap = capture(model)
-    all_sites = match(cap)
+    # nn.Embedding sites only for explicit targets (PEFT's "all-linear" leaves embeddings out)
+    all_sites = match(cap, embeddings=spec.targets != ALL_LINEAR)
     by_name: dict[str, list[Site]] = defaultdict(list)
     for s in all_sites:
         by_name[s.name].append(s)
@@ -266,11 +267,12 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
 
     # validate every chosen site
     first = {n: by_name[n][0] for n in chosen}
+    _check_embedding_sites(model, method, [s for s in first.values() if s.kind == "embedding"])
     _check_patterns_used(spec, chosen)
     cfg_of = {n: spec.config_for(n) for n in chosen}
     problems = []
     for n, s in first.items():
-        why = method.check_site(cfg_of[n], s.in_features, s.out_features)
+        why = None if s.kind == "embedding" else method.check_site(cfg_of[n], s.in_features, s.out_features)
         if why:
             problems.append(f"{n}: {why}")
     groups: dict[str, list[Site]] = {}
@@ -330,10 +332,32 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
         w = s.weight(model)
         sh, nm = group_of.get(n, (None, 1))
         new[n] = SiteAdapter(cfg_of[n], n, name, s.in_features, s.out_features,
-                             adapter_dtype(w.dtype, autocast_adapter_dtype), w.device, sh, nm)
+                             adapter_dtype(w.dtype, autocast_adapter_dtype), w.device, sh, nm,
+                             embedding_options(model.get_submodule(s.host_path)) if s.kind == "embedding" else None)
     if placement is not None:
         _warm_start(new, shared, placement)
     return AdaptPlan(name, spec, first, all_sites, dict(by_name), new, shared)
+
+
+def embedding_options(emb: nn.Embedding) -> dict:
+    """The ``F.embedding`` options of an embedding site that its adapter's lookup uses too (as PEFT's)."""
+    return {"padding_idx": emb.padding_idx, "scale_grad_by_freq": emb.scale_grad_by_freq, "sparse": emb.sparse}
+
+
+def _check_embedding_sites(model: nn.Module, method: Method, sites: Sequence[Site]) -> None:
+    """Embedding targets need a method with an ``embed`` hook, and no ``max_norm`` (F.embedding would
+    renormalise the adapter's factor in place)."""
+    if not sites:
+        return
+    names = [s.name for s in sites]
+    if method.embed is None:
+        have = sorted(n for n, m in registered_methods().items() if m.embed is not None)
+        raise AdapterError(f"{method.name}: cannot adapt nn.Embedding site(s) {names[:4]} (the method has no embedding "
+                           f"form; methods that do: {have}). Fix: remove them from targets")
+    renorm = [s.name for s in sites if model.get_submodule(s.host_path).max_norm is not None]
+    if renorm:
+        raise AdapterError(f"cannot adapt nn.Embedding site(s) {renorm[:4]} with max_norm set: F.embedding would "
+                           f"renormalise the adapter's tensors in place. Fix: remove them from targets")
 
 
 def _check_patterns_used(spec: AdapterSpec, chosen: Sequence[str]) -> None:

@@ -120,9 +120,11 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
         raise AdapterError(f"adapter {name!r} ({spec.method.name}) uses {inexpressible}, which PEFT's "
                            f"{fmt.peft_type} config does not have; save with the default format")
     ours_to_peft = {ours: suffix for suffix, ours in fmt.keys.items()}
+    embedding_to_peft = {ours: suffix for suffix, ours in fmt.embedding_keys.items()}
+    embedding_sites = {c.site for _, _, c in site_adapters(model) if c.kind == "embedding"}
     out = {}
     for site in sites:
-        for param, suffix in ours_to_peft.items():
+        for param, suffix in (embedding_to_peft if site in embedding_sites else ours_to_peft).items():
             key = site_key(site, param)
             if key in tensors:
                 out[f"base_model.model.{site}.{suffix}"] = tensors.pop(key)
@@ -249,7 +251,7 @@ def _read_json(file: Path) -> dict:
 
 def _expected(model: nn.Module, spec: AdapterSpec, sites: list[str]) -> tuple[dict[str, tuple], dict[str, list[str]]]:
     """Tensor key -> shape the model needs for ``spec`` at ``sites``; and the groups."""
-    by_name = {s.name: s for s in match(capture(model))}
+    by_name = {s.name: s for s in match(capture(model), embeddings=True)}
     missing = [s for s in sites if s not in by_name]
     if missing:
         raise AdapterError(
@@ -266,7 +268,7 @@ def _expected(model: nn.Module, spec: AdapterSpec, sites: list[str]) -> tuple[di
     for s in sites:
         site = by_name[s]
         cfg = spec.config_for(s)
-        why = m.check_site(cfg, site.in_features, site.out_features)
+        why = None if site.kind == "embedding" else m.check_site(cfg, site.in_features, site.out_features)
         if why:
             raise AdapterError(f"{s}: {why}")
         for p, shp in m.shapes(cfg, site.in_features, site.out_features, n_of.get(s, 1)).items():
@@ -448,6 +450,21 @@ def _check_peft_options(c: dict, options: Mapping[str, object], source: Path) ->
                                f"(supported: {list(allowed)}); loading it as plain weights would be silently wrong")
 
 
+def _check_base_copies(model: nn.Module, copies: Mapping[str, torch.Tensor], source: Path) -> None:
+    """The base weights PEFT stored beside an embedding adapter must be the model's own: PEFT would
+    overwrite the model's weight with them, which loading an adapter here never does."""
+    modules = dict(model.named_modules())
+    for path, t in copies.items():
+        w = getattr(modules.get(path), "weight", None)
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(t.shape):
+            raise AdapterError(f"{source}: base weight {path!r}.base_layer.weight has no match of shape "
+                               f"{tuple(t.shape)} in {type(model).__name__}")
+        if not torch.equal(w.detach().cpu(), t.to(w.dtype)):
+            raise AdapterError(f"{source}: the checkpoint carries a base weight for {path!r} that differs from the "
+                               f"model's (PEFT would replace the model's weight with it). Load it into the base model "
+                               f"it was trained on, or copy that weight in first")
+
+
 def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "default", *,
                       is_trainable: bool | None = None, activate: bool | None = None,
                       autocast_adapter_dtype: bool = True) -> nn.Module:
@@ -468,15 +485,20 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
         cfg = fmt.read_config(c)
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{peft_dir / CONFIG_NAME}: cannot read the {ptype} config ({type(e).__name__}: {e})") from None
-    suffixes = fmt.keys
+    suffixes = {**fmt.keys, **fmt.embedding_keys}  # PEFT names an embedding site's factors lora_embedding_A/B
     raw = read_weights(peft_dir, c)
     to_save = c.get("modules_to_save") or None
     if to_save is not None and (isinstance(to_save, str) or not all(isinstance(m, str) and m for m in to_save)):
         raise AdapterError(f"{peft_dir / CONFIG_NAME}: modules_to_save must be a list of module names, got {to_save!r}")
     saved = set(select_modules((n for n, _ in model.named_modules()), tuple(to_save))) if to_save else set()
     tensors, sites = {}, []
+    base_copies: dict[str, torch.Tensor] = {}
     for key, t in raw.items():
         k = key.removeprefix("base_model.model.")
+        if fmt.embedding_keys and k.endswith(".base_layer.weight"):
+            # PEFT saves the base weight of a targeted embedding too (save_embedding_layers="auto")
+            base_copies[k[: -len(".base_layer.weight")]] = t
+            continue
         for suf, ours in suffixes.items():
             if k.endswith("." + suf):
                 site = k[: -len(suf) - 1]
@@ -491,6 +513,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
                                    + (f" (modules_to_save {to_save} select {sorted(saved)} on this model)"
                                       if to_save else ""))
             tensors[trainable_key(module, k[len(module) + 1:])] = t
+    _check_base_copies(model, base_copies, peft_dir)
     try:
         spec = AdapterSpec(cfg, tuple(sites), rank_pattern=c.get("rank_pattern") or None,
                            alpha_pattern=c.get("alpha_pattern") or None,

@@ -65,22 +65,31 @@ class SiteAdapter(nn.Module):
 
     def __init__(self, cfg: MethodConfig, site: str, adapter: str, in_f: int, out_f: int,
                  dtype: torch.dtype, device: torch.device, shared: SharedTensors | None = None,
-                 n_members: int = 1) -> None:
+                 n_members: int = 1, embedding: dict | None = None) -> None:
         super().__init__()
         m = method_for(cfg)
+        if embedding is not None and m.embed is None:
+            raise AdapterError(f"{site}: method {cfg.name!r} cannot adapt an nn.Embedding")
+        #: the site's F.embedding options when it is an nn.Embedding (the delta then takes ids)
+        self.embedding = None if embedding is None else dict(embedding)
         self._cfg_key, cfg = _interned(cfg)
         self.cfg, self.site, self.adapter = cfg, site, adapter
         self.in_features, self.out_features, self.n_members = in_f, out_f, n_members
         for name, shape in m.shapes(cfg, in_f, out_f, n_members).items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype, device=device)))
         with torch.no_grad():
-            m.init(cfg, dict(self.named_parameters()), n_members)
+            if embedding is not None:
+                m.embed_init(cfg, dict(self.named_parameters()))
+            else:
+                m.init(cfg, dict(self.named_parameters()), n_members)
         self.dropout = nn.Dropout(cfg.dropout_p) if cfg.dropout_p > 0 else nn.Identity()
         # Not a registered child: the group's tensors are saved once, at the root.
         self.__dict__["shared"] = shared
         # No adapter name in the tag: a compiled graph guards on what it reads, and the tag
         # of adapter "b" must read the same as the tag of an equal adapter "a".
         self._tag = {"site": site, "method": cfg.name, "config": self._cfg_key}
+        if embedding is not None:  # the backend leaves embedding regions as reference math (skipped_<method>)
+            self._tag["embedding"] = True
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -105,6 +114,12 @@ class SiteAdapter(nn.Module):
             w = self.tensors()
             dtype = next(iter(w.values())).dtype
             method = method_for(cfg)
+            if self.embedding is not None:  # x: integer ids; no dropout (PEFT's lora.Embedding has none)
+                scaled = [k for k in method.scale_params if k in w] if gate is not None else []
+                for k in scaled:
+                    w[k] = w[k] * gate
+                d = method.embed(x, w, cfg, self.embedding)
+                return d * gate if gate is not None and not scaled else d
             xa = self.dropout(x.to(dtype))
             if gate is not None:
                 scaled = [k for k in method.scale_params if k in w]
@@ -208,8 +223,8 @@ class SiteAdapterSet(nn.ModuleDict):
 
     @property
     def transposed(self) -> bool:
-        """HF Conv1D stores W as [in, out]."""
-        return self.kind == "conv1d"
+        """HF Conv1D stores W as [in, out]; so does nn.Embedding ([num, dim] = [in, out])."""
+        return self.kind in ("conv1d", "embedding")
 
     @property
     def active(self) -> tuple[str, ...]:

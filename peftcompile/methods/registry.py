@@ -100,6 +100,11 @@ class Method:
         Under torch.compile the site's on/off gate (a tensor, so that disabling adapters
         does not recompile) multiplies these: an [out, r]-sized product. Empty: the gate
         multiplies the adapter's input instead ([tokens, in]-sized; deltas are linear in x).
+    embed(ids, p, cfg, kwargs) -> the delta of an ``nn.Embedding`` site (in = num_embeddings,
+        out = embedding_dim) for integer ``ids``; ``kwargs`` are the embedding's own
+        ``F.embedding`` options (padding_idx, scale_grad_by_freq, sparse). Optional: a method
+        without it refuses Embedding targets. ``delta_weight`` gives dW [dim, num] (W += dW.T).
+    embed_init(cfg, p) -> initialise an embedding site's own parameters (with ``embed``).
     """
 
     name: str
@@ -121,6 +126,8 @@ class Method:
     factors: Callable[..., tuple[torch.Tensor, torch.Tensor, float]] | None = None
     from_factors: Callable[..., tuple[MethodConfig, dict[str, torch.Tensor]]] | None = None
     scale_params: tuple[str, ...] = ()
+    embed: Callable[..., torch.Tensor] | None = None
+    embed_init: Callable[..., None] | None = None
 
     @property
     def shares(self) -> bool:
@@ -176,6 +183,8 @@ class PeftFormat:
     #: model_type -> PEFT's default target modules for this method (``target_modules`` omitted),
     #: or None where PEFT has no default. A callable so that importing peft stays lazy.
     default_targets: Callable[[str], "list[str] | None"] | None = None
+    #: PEFT key suffix -> our param at ``nn.Embedding`` sites (LoRA: ``lora_embedding_A``/``_B``)
+    embedding_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 #: PeftFormat.options value: any value of that field is honoured (it does not change the math).

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Unit", "Capture", "capture", "is_site_module", "site_kind", "Tracer"]
+__all__ = ["Unit", "Capture", "capture", "is_site_module", "is_embedding_site", "site_kind", "Tracer"]
 
 try:  # HF GPT-2 and friends: a linear layer with W stored as [in, out]
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -44,14 +44,22 @@ def site_kind(m: nn.Module) -> str | None:
     return None
 
 
+def is_embedding_site(m: nn.Module) -> bool:
+    """A plain ``nn.Embedding`` (not a subclass: those may scale or reshape in forward): a site
+    of kind "embedding" that match() reports only when asked (an explicit target names it)."""
+    return type(m) is nn.Embedding
+
+
 def is_site_module(m: nn.Module) -> bool:
-    return site_kind(m) is not None
+    return site_kind(m) is not None or is_embedding_site(m)
 
 
 def site_features(m: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a site module."""
+    """(in_features, out_features) of a site module (an embedding: (num_embeddings, embedding_dim),
+    its weight [num, dim] being the [in, out] matrix of a linear on one-hot ids)."""
     w = m.weight
-    return (w.shape[0], w.shape[1]) if site_kind(m) == "conv1d" else (w.shape[1], w.shape[0])
+    transposed = site_kind(m) == "conv1d" or is_embedding_site(m)
+    return (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
 
 
 class Tracer(fx.Tracer):

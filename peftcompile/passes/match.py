@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import Capture, Unit, site_features, site_kind
+from .capture import Capture, Unit, is_embedding_site, site_features, site_kind
 
 __all__ = ["Site", "match", "HOST_ATTR"]
 
@@ -36,7 +36,7 @@ class Site:
     """One linear site: where it is computed (unit, node) and where its adapters live (host)."""
 
     name: str  # qualified name, as summary() prints it
-    kind: str  # 'linear' | 'conv1d' | 'functional'
+    kind: str  # 'linear' | 'conv1d' | 'functional' | 'embedding' (in = num_embeddings, out = embedding_dim)
     in_features: int
     out_features: int
     unit: Unit
@@ -63,7 +63,7 @@ def _match_call_module(unit: Unit, node: fx.Node) -> Site | None:
     if node.op != "call_module":
         return None
     m = unit.module.get_submodule(node.target)
-    kind = site_kind(m)
+    kind = "embedding" if is_embedding_site(m) else site_kind(m)
     if kind is None:
         return None
     in_f, out_f = site_features(m)
@@ -118,11 +118,13 @@ def _site_unit(unit: Unit) -> Site:
     x = next(n for n in g.nodes if n.op == "placeholder")
     out = next(n for n in g.nodes if n.op == "output").args[0]
     in_f, out_f = site_features(unit.module)
-    return Site(unit.path, site_kind(unit.module), in_f, out_f, unit, out.name, x.name, unit.path, "weight", HOST_ATTR)
+    kind = "embedding" if is_embedding_site(unit.module) else site_kind(unit.module)
+    return Site(unit.path, kind, in_f, out_f, unit, out.name, x.name, unit.path, "weight", HOST_ATTR)
 
 
-def match(cap: Capture) -> list[Site]:
-    """Every linear site in the captured units, in graph order (a site called twice appears twice)."""
+def match(cap: Capture, *, embeddings: bool = False) -> list[Site]:
+    """Every linear site in the captured units, in graph order (a site called twice appears twice).
+    ``embeddings``: also the ``nn.Embedding`` sites (kind "embedding"; only explicit targets reach them)."""
     sites: list[Site] = []
     for unit in cap.units:
         if unit.is_site:
@@ -134,4 +136,9 @@ def match(cap: Capture) -> list[Site]:
                 if s is not None:
                     sites.append(s)
                     break
-    return sites
+    if not embeddings:
+        return [s for s in sites if s.kind != "embedding"]
+    # an F.linear on the embedding's own weight (a tied LM head) is a site of the same name and
+    # host: that name keeps meaning the linear site, as it did before embeddings were sites
+    linear_names = {s.name for s in sites if s.kind != "embedding"}
+    return [s for s in sites if s.kind != "embedding" or s.name not in linear_names]

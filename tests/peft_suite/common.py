@@ -206,6 +206,8 @@ SUPPORTED = [
     ("Vanilla MLP 5 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}),
     ("Vanilla MLP 6 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.1}),
     ("Embedding + transformers Conv1D 1 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["conv1d"]}),
+    ("Embedding + transformers Conv1D 2 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["emb"]}),
+    ("Embedding + transformers Conv1D 3 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["emb", "conv1d"]}),
     ("Vanilla MLP 1 GraLoRA", "MLP", GraloraConfig, {"target_modules": "lin0"}),
     ("Vanilla MLP 2 GraLoRA", "MLP", GraloraConfig, {"target_modules": ["lin0"]}),
     ("Vanilla MLP 3 GraLoRA", "MLP", GraloraConfig, {"target_modules": ["lin1"]}),
@@ -257,7 +259,8 @@ def init_false(config_cls, kwargs: dict) -> dict:
 def transplant(peft_model, ours: nn.Module, name: str = "default") -> None:
     """Copy adapter ``name`` of a PEFT model (and its modules_to_save copies) into ours."""
     cfg = state_of(ours).specs[name].method
-    keys = method_for(cfg).peft.keys  # PEFT key suffix -> our param
+    fmt = method_for(cfg).peft
+    keys = {**fmt.keys, **fmt.embedding_keys}  # PEFT key suffix -> our param (linear and embedding sites)
     live = ours.state_dict(keep_vars=True)
     done = set()
     with torch.no_grad():

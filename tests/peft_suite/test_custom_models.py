@@ -389,8 +389,11 @@ def test_only_params_are_updated(test_name, model_id, config_cls, config_kwargs)
     for name, param_before in params_before.items():
         param_after = params_after[name]
         if is_adapter_param(name) or name in trainable:
-            # modules_to_save: the active adapter's copy lives in the module's own parameters
-            assert not torch.allclose(param_before, param_after, atol=tol, rtol=tol), name
+            # modules_to_save: the active adapter's copy lives in the module's own parameters.
+            # An embedding site's B starts normal (O(1)) and, A starting at zero, moves only ~1e-4 in
+            # 3 steps (PEFT's too: 1.3e-4 at its seed, ours 9e-5): there it must just move
+            atol = 0.0 if name.startswith("emb.") else tol
+            assert not torch.allclose(param_before, param_after, atol=atol, rtol=atol), name
         else:
             assert torch.allclose(param_before, param_after, atol=tol, rtol=tol), name
 
@@ -904,12 +907,9 @@ REFUSED_CHECKPOINTS = [
 
 #: rows whose layers or modules_to_save overlap pc.adapt refuses (README "Guarantees": "a listed
 #: target that only names non-linear modules"; "an nn.MultiheadAttention.out_proj target";
-#: "trainable modules that hold adapted sites"; "Limits": no Embedding/Conv sites)
+#: "trainable modules that hold adapted sites"; "Limits": no Conv sites; Embedding sites for LoRA only,
+#: so PEFT's "Embedding + transformers Conv1D 2/3 LoRA" rows are in common.SUPPORTED)
 REFUSED_SPECS = [
-    ("Embedding + transformers Conv1D 2 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["emb"]},
-     "matched no linear site"),
-    ("Embedding + transformers Conv1D 3 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["emb", "conv1d"]},
-     r"target 'emb' names \['Embedding'\]"),
     ("Conv1d LoRA", "Conv1d", LoraConfig, {"target_modules": ["conv1d"]}, "matched no linear site"),
     ("Conv2d 1 LoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d"]}, "matched no linear site"),
     ("Conv2d 2 LoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d", "lin0"]},

@@ -12,7 +12,8 @@ from ...errors import AdapterTypeError
 from ..lowrank import lowrank, lowrank_weight
 from ..registry import MethodConfig, Params, kaiming_
 
-__all__ = ["LoRA", "lora_delta", "lora_delta_weight", "lora_shapes", "lora_init", "lora_as_lora"]
+__all__ = ["LoRA", "lora_delta", "lora_delta_weight", "lora_shapes", "lora_init", "lora_as_lora", "lora_embed",
+           "lora_embed_init"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +56,15 @@ def lora_delta_weight(p: Params, cfg: LoRA) -> torch.Tensor:
 
 def lora_as_lora(p: Params, cfg: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
     return p["lora_A"], p["lora_B"] * cfg.scaling
+
+
+def lora_embed_init(cfg: LoRA, p: Params) -> None:
+    """PEFT's embedding init: A zeros, B normal (the delta starts at zero through A)."""
+    torch.nn.init.zeros_(p["lora_A"])
+    torch.nn.init.normal_(p["lora_B"])
+
+
+def lora_embed(ids: torch.Tensor, p: Params, cfg: LoRA, kwargs: dict) -> torch.Tensor:
+    """PEFT's ``lora.Embedding``: s * F.embedding(ids, A.T, **embedding options) @ B.T (no dropout)."""
+    after_a = torch.nn.functional.embedding(ids, p["lora_A"].T, **kwargs)  # [..., r]
+    return (after_a @ p["lora_B"].T) * cfg.scaling
