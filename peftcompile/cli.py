@@ -143,7 +143,7 @@ def train(
     """Fine-tune with an adapter: adapter-only checkpoints, resume, eval, report with plots;
     the same command under `torchrun --nproc-per-node N` (DDP or FSDP2)."""
     from .api import AdapterError
-    from .train import TrainConfig, run_train
+    from .train import TrainConfig, close_process_group, run_train
 
     cfg = TrainConfig(model=model, data=data, out=out, eval_data=eval_data, eval_fraction=eval_fraction, task=task,
                       method=method, r=r, k=k, alpha=alpha, hybrid_r=hybrid_r, dropout=dropout, targets=targets,
@@ -159,6 +159,7 @@ def train(
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         console.print(f"loss {res['loss_first']:.4f} -> {res['loss_last']:.4f}; "
                       f"eval {res['eval'].get('eval_loss', float('nan')):.4f}; report: {out / 'report.md'}")
+    close_process_group()
 
 
 from .export.cli import export_command  # noqa: E402  (defined with the exporter)

@@ -321,6 +321,16 @@ def _check_distributed(cfg: TrainConfig) -> str:
     return cfg.distributed
 
 
+def close_process_group() -> None:
+    """Tear down the process group (set up by accelerate under torchrun) before the interpreter
+    exits: gloo threads still alive at exit abort a rank now and then ("terminate called without
+    an active exception", seen under load in tests/test_train_cli.py)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     """Run the job; returns the report dict (rank 0 also writes report.md, report.json, loss.png)."""
     from transformers import TrainingArguments
