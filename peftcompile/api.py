@@ -18,7 +18,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .copies import add_copies_, drop_copies_, original, owners_for, set_original_, sync_
+from .copies import add_copies_, base_keys, drop_copies_, original, owners_for, set_original_, sync_
 from . import rows
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import Method, method_for, registered_methods
@@ -26,7 +26,7 @@ from .modules import BASE_ROW, SharedTensors, SiteAdapter, SiteAdapterSet
 from .passes.capture import capture, site_kind
 from .passes.match import Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
-from .spec import (ALL_LINEAR, AdapterSpec, Placement, default_targets, layer_index, matches, pattern_key, select_modules,
+from .spec import (ALL_LINEAR, AdapterSpec, Placement, default_targets, layer_index, matches, pattern_matches, select_modules,
                    select_sites)
 from .state import (SHARED_ATTR, merged_sites, STATE_ATTR, ModelState, freeze_base_, require_state, site_adapters, state_of,
                     trainable_modules)
@@ -167,6 +167,11 @@ def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str],
                       AdapterWarning, stacklevel=4)
 
 
+def _overlaps(a: str, b: str) -> bool:
+    """Module paths ``a`` and ``b`` are one module, or one contains the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
 def _groups(method: Method, sites: list[Site]) -> dict[str, list[Site]]:
     g: dict[str, list[Site]] = defaultdict(list)
     for s in sites:
@@ -243,9 +248,9 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     candidates = [n for n in by_name if n not in unreachable]
     # "all-linear" leaves out the head and sites whose weight is shared (PEFT: tied heads)
     skip = _head_sites(model) | (set(tied) if spec.targets == ALL_LINEAR else set())
-    if spec.targets == ALL_LINEAR and spec.trainable is not None:  # PEFT: modules_to_save are never targets
-        tmods = select_modules((n for n, _ in model.named_modules()), spec.trainable)
-        skip |= {n for n in candidates if any(n == t or n.startswith(t + ".") for t in tmods)}
+    tmods = select_modules((n for n, _ in model.named_modules()), spec.trainable) if spec.trainable is not None else []
+    if spec.targets == ALL_LINEAR:  # PEFT: modules_to_save are never targets
+        skip |= {s.name for s in firsts if any(_overlaps(s.host_path, t) for t in tmods)}
     chosen = select_sites(candidates, spec, skip)
     if spec.targets != ALL_LINEAR:
         bad = [n for n in select_sites(list(unreachable), spec, set())]
@@ -295,7 +300,6 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     if problems:
         raise AdapterError(f"cannot apply {spec.method!r}:\n  " + "\n  ".join(problems))
     if spec.trainable is not None:
-        tmods = select_modules((n for n, _ in model.named_modules()), spec.trainable)
         if not tmods:
             raise AdapterError(
                 f"trainable={spec.trainable!r} matched no module of {type(model).__name__}; pass module names "
@@ -303,7 +307,7 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
             )
         adapted = set(first) | ({c.site for _, _, c in site_adapters(model)} if st else set())
         hosts = {s.host_path for s in firsts if s.name in adapted}
-        clash = sorted({t for t in tmods for h in hosts if h == t or h.startswith(t + ".") or t.startswith(h + ".")})
+        clash = sorted({t for t in tmods for h in hosts if _overlaps(h, t)})
         if clash:
             raise AdapterError(
                 f"trainable={spec.trainable!r} selects {clash[:4]}, which hold adapted sites: the module would be "
@@ -364,7 +368,7 @@ def _check_patterns_used(spec: AdapterSpec, chosen: Sequence[str]) -> None:
     """PEFT warns about rank/alpha patterns that match no targeted site: a typo there would
     silently train every site at the default rank."""
     for what in ("rank_pattern", "alpha_pattern"):
-        unused = [p for p in getattr(spec, what) or {} if not any(pattern_key({p: 0}, n) for n in chosen)]
+        unused = [p for p in getattr(spec, what) or {} if not any(pattern_matches(p, n) for n in chosen)]
         if unused:
             warnings.warn(f"{what} keys {unused} match no adapted site; sites there keep the method's default. "
                           f"Adapted sites look like {list(chosen)[:3]}", AdapterWarning, stacklevel=4)
@@ -724,9 +728,8 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if root is not None:
         adapter_ids |= {id(t) for t in root.state_dict(keep_vars=True).values()}
     out = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if id(v) not in adapter_ids}
-    st = require_state(model)
-    for key, (_, module, pname) in st.copy_names.items():
-        out[f"{module}.{pname}".lstrip(".")] = original(model, key).detach()  # not an adapter's trained values
+    for sd_key, key in base_keys(model).items():
+        out[sd_key] = original(model, key).detach()  # not an adapter's trained values
     path_of = {id(m): n for n, m in model.named_modules()}
     for host, _, cont in site_adapters(model):
         if cont.merged:
@@ -753,8 +756,7 @@ def set_base_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
         raise AdapterError(f"state_dict does not fit the base model: missing {missing[:4]}, unexpected {extra[:4]}, "
                            f"shape mismatch {wrong[:4]}")
     live = model.state_dict(keep_vars=True)
-    st = require_state(model)
-    copied = {f"{module}.{pname}".lstrip("."): key for key, (_, module, pname) in st.copy_names.items()}
+    copied = base_keys(model)
     with torch.no_grad():
         for k, v in state_dict.items():
             if k in copied:

@@ -20,7 +20,7 @@ from .spec import select_modules
 from .state import adapter_params, require_state, site_adapters, trainable_key, trainable_params
 
 __all__ = ["COPIES_ATTR", "BASE", "add_copies_", "sync_", "owners_for", "checkpoint_params", "drop_copies_",
-           "original", "set_original_"]
+           "base_keys", "original", "set_original_"]
 
 COPIES_ATTR = "peftcompile_copies"
 BASE = None  # owner of the original values
@@ -152,6 +152,11 @@ def drop_copies_(model: nn.Module, name: str | None = None) -> None:
             st.live[key] = BASE
             with torch.no_grad():
                 _param(model, key).copy_(_get(model, BASE, key))
+
+
+def base_keys(model: nn.Module) -> dict[str, str]:
+    """state_dict key -> trainable key, for every parameter that has per-adapter copies."""
+    return {f"{module}.{pname}".lstrip("."): key for key, (_, module, pname) in require_state(model).copy_names.items()}
 
 
 def original(model: nn.Module, key: str) -> torch.Tensor | None:

@@ -129,15 +129,17 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
             if key in tensors:
                 out[f"base_model.model.{site}.{suffix}"] = tensors.pop(key)
     # trainable modules: PEFT's modules_to_save, stored under the module's own name
-    modules = sorted({split_trainable_key(k)[0] for k in tensors} - {None})
-    for key in [k for k in tensors if split_trainable_key(k)[0] is not None]:
+    modules = set()
+    for key in list(tensors):
         module, param = split_trainable_key(key)
-        out[f"base_model.model.{module}.{param}"] = tensors.pop(key)
+        if module is not None:
+            modules.add(module)
+            out[f"base_model.model.{module}.{param}"] = tensors.pop(key)
     if tensors:
         raise AdapterError(f"adapter {name!r}: tensors {sorted(tensors)[:4]} have no PEFT key; save with the "
                            f"default format")
     cfg = {"peft_type": fmt.peft_type, "task_type": None, "inference_mode": True, "bias": "none",
-           "fan_in_fan_out": False, "modules_to_save": modules or None, "layers_to_transform": None,
+           "fan_in_fan_out": False, "modules_to_save": sorted(modules) or None, "layers_to_transform": None,
            "layers_pattern": None,
            "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
            "target_modules": exact_targets(sites), **fmt.write_config(spec.method),

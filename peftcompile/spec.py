@@ -228,13 +228,14 @@ def _norm_layers(v: object) -> tuple[int, ...] | None:
     return vals
 
 
+def pattern_matches(pattern: str, site: str) -> bool:
+    """PEFT's rule for one rank/alpha pattern key: ``re.match(rf"(.*\.)?({p})$", site)``."""
+    return re.match(rf"(.*\.)?({pattern})$", site) is not None
+
+
 def pattern_key(patterns: Mapping[str, object], site: str) -> str | None:
-    """The first pattern of a rank/alpha pattern that applies to ``site`` (PEFT's
-    ``get_pattern_key``: ``re.match(rf"(.*\.)?({p})$", site)``), or None."""
-    for p in patterns:
-        if re.match(rf"(.*\.)?({p})$", site):
-            return p
-    return None
+    """The first key of a rank/alpha pattern that applies to ``site`` (PEFT's ``get_pattern_key``), or None."""
+    return next((p for p in patterns if pattern_matches(p, site)), None)
 
 
 def layer_index(site: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:

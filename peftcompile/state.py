@@ -114,8 +114,8 @@ def trainable_key(module: str, param: str) -> str:
 
 
 def split_trainable_key(key: str) -> tuple[str | None, str | None]:
-    """(module, param) of a ``trainable.<module>.<param>`` key; (None, None) for other keys.
-    Parameter names of a module's own (non-nested) parameters have no dots."""
+    """(module, param) of a ``trainable.<module>.<param>`` key, split at the last dot (so
+    ``module.param`` is the parameter's full path); (None, None) for other keys."""
     if not key.startswith("trainable."):
         return None, None
     module, _, param = key.removeprefix("trainable.").rpartition(".")
