@@ -114,19 +114,15 @@ class SiteAdapter(nn.Module):
             w = self.tensors()
             dtype = next(iter(w.values())).dtype
             method = method_for(cfg)
+            scaled = [k for k in method.scale_params if k in w] if gate is not None else []
+            for k in scaled:
+                w[k] = w[k] * gate
             if self.embedding is not None:  # x: integer ids; no dropout (PEFT's lora.Embedding has none)
-                scaled = [k for k in method.scale_params if k in w] if gate is not None else []
-                for k in scaled:
-                    w[k] = w[k] * gate
                 d = method.embed(x, w, cfg, self.embedding)
                 return d * gate if gate is not None and not scaled else d
             xa = self.dropout(x.to(dtype))
-            if gate is not None:
-                scaled = [k for k in method.scale_params if k in w]
-                for k in scaled:
-                    w[k] = w[k] * gate
-                if not scaled:
-                    xa = xa * gate
+            if gate is not None and not scaled:
+                xa = xa * gate
             return method.delta(xa, w, cfg)
 
     def delta_weight(self) -> torch.Tensor:
