@@ -28,7 +28,7 @@ from .passes.match import Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
 from .spec import (ALL_LINEAR, AdapterSpec, Placement, default_targets, layer_index, matches, pattern_matches, select_modules,
                    select_sites)
-from .state import (SHARED_ATTR, merged_sites, STATE_ATTR, ModelState, freeze_base_, require_state, site_adapters, state_of,
+from .state import (SHARED_ATTR, merged_sites, STATE_ATTR, ModelState, freeze_base_, owned_by, require_state, site_adapters, state_of,
                     trainable_modules)
 
 __all__ = [
@@ -338,6 +338,11 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
         new[n] = SiteAdapter(cfg_of[n], n, name, s.in_features, s.out_features,
                              adapter_dtype(w.dtype, autocast_adapter_dtype), w.device, sh, nm,
                              embedding_options(model.get_submodule(s.host_path)) if s.kind == "embedding" else None)
+    no_bias = [n for n, s in first.items() if new[n].delta_bias() is not None
+               and _site_bias(model.get_submodule(s.host_path), s) is None]
+    if no_bias:  # PEFT warns here too: the adapter runs, but merge() will refuse those sites
+        warnings.warn(f"{no_bias[:4]}: the adapter's delta has a bias term but the base layer has no bias, "
+                      f"so these sites cannot be merged (merge() will refuse)", AdapterWarning, stacklevel=3)
     if placement is not None:
         _warm_start(new, shared, placement)
     return AdaptPlan(name, spec, first, all_sites, dict(by_name), new, shared)
@@ -490,25 +495,13 @@ def set_active(model: nn.Module, names: str | Sequence[str], *, inference_mode: 
         shared.requires_grad_(n in training)
     st.active = names
     adapter_ids = {id(p) for c in conts for p in c.parameters()}
-    keep = {id(p) for n in training if st.specs[n].trainable is not None
-            for m in _modules(model, st.specs[n].trainable) for p in m.parameters()}
-    for n, spec in st.specs.items():
-        if spec.trainable is not None and n not in training:
-            for m in _modules(model, spec.trainable):
-                for p in m.parameters():
-                    if id(p) not in keep and id(p) not in adapter_ids:
-                        p.requires_grad_(False)
-    for n in training:
-        if st.specs[n].trainable is not None:
-            for m in _modules(model, st.specs[n].trainable):
-                for p in m.parameters():
-                    if id(p) not in adapter_ids:
-                        p.requires_grad_(True)
+    owned = {n: owned_by(model, n) for n in st.specs}  # trainable modules' and bias= parameters
+    keep = {id(p) for n in training for p in owned[n].values()}
+    for n, params in owned.items():
+        for p in params.values():
+            if id(p) not in adapter_ids:
+                p.requires_grad_(id(p) in keep)
     sync_(model)  # trainable modules hold the new active adapter's own values
-
-
-def _modules(model: nn.Module, patterns) -> list[nn.Module]:
-    return [model.get_submodule(n) for n in select_modules((n for n, _ in model.named_modules()), patterns)]
 
 
 @contextlib.contextmanager
@@ -578,16 +571,41 @@ def _merge_sites(model: nn.Module, wanted: dict[int, tuple[str, ...]] | None = N
     """Fold adapters into W: ``wanted[id(site set)]`` names per site (default: the active ones).
     ``safe``: first check every merged weight is finite, writing none if one is not (the
     weights are computed twice rather than held: holding them would double the model's memory)."""
-    todo = [(getattr(host, c.weight_attr), c, _to_merge(c, wanted)) for host, _, c in site_adapters(model)]
-    todo = [(w, c, names) for w, c, names in todo if names]
+    todo = [(host, c, _to_merge(c, wanted)) for host, _, c in site_adapters(model)]
+    todo = [(host, c, names) for host, c, names in todo if names]
+    for host, cont, names in todo:
+        with_bias = [n for n in names if cont[n].delta_bias() is not None]
+        if with_bias and not isinstance(_site_bias(host, cont), torch.Tensor):
+            raise AdapterError(f"{cont.site}: adapter(s) {with_bias} have a bias term but the base "
+                               f"layer has no bias to merge it into (PEFT refuses this too); nothing was merged. "
+                               f"Keep the adapter unmerged")
     if safe:
-        for w, cont, names in todo:
-            if not bool(torch.isfinite(_merged_weight(w, cont, names)).all()):
+        for host, cont, names in todo:
+            w, b = getattr(host, cont.weight_attr), _site_bias(host, cont)
+            if not bool(torch.isfinite(_merged_weight(w, cont, names)).all()) or (
+                    b is not None and not bool(torch.isfinite(_merged_bias(b, cont, names, +1)).all())):
                 raise AdapterError(f"{cont.site}: merging adapter(s) {list(names)} gives NaN/inf weights; "
                                    f"nothing was merged. Check the adapter's tensors (training diverged?)")
-    for w, cont, names in todo:
+    for host, cont, names in todo:
+        w, b = getattr(host, cont.weight_attr), _site_bias(host, cont)
         w.copy_(_merged_weight(w, cont, names))
+        if b is not None:
+            b.copy_(_merged_bias(b, cont, names, +1))
         cont.merged = cont.merged + names
+
+
+def _site_bias(host: nn.Module, cont: SiteAdapterSet) -> torch.Tensor | None:
+    """The base bias an adapter's constant term merges into (the host's ``bias`` next to W)."""
+    b = getattr(host, "bias", None) if cont.weight_attr == "weight" else None
+    return b if isinstance(b, torch.Tensor) else None
+
+
+def _merged_bias(b: torch.Tensor, cont: SiteAdapterSet, names: Sequence[str], sign: int) -> torch.Tensor:
+    for n in names:
+        d = cont[n].delta_bias()
+        if d is not None:
+            b = (b.to(torch.float32) + sign * d.to(torch.float32)).to(b.dtype)
+    return b
 
 
 def merge(model: nn.Module, *, safe_merge: bool = False) -> None:
@@ -613,9 +631,11 @@ def unmerge(model: nn.Module) -> None:
         warnings.warn("no adapter is merged; nothing to unmerge", AdapterWarning, stacklevel=2)
         return
     for host, _, cont in site_adapters(model):
-        w = getattr(host, cont.weight_attr)
+        w, b = getattr(host, cont.weight_attr), _site_bias(host, cont)
         for n in reversed(cont.merged):
             w.copy_((w.to(torch.float32) - _delta_for(cont, n)).to(w.dtype))
+            if b is not None:
+                b.copy_(_merged_bias(b, cont, [n], -1))
         cont.merged = ()
 
 
@@ -666,7 +686,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     spec = st.specs.pop(name)
     drop_copies_(model, name)
     set_active(model, remaining_active)
-    if spec.trainable is not None:  # its modules train only with an active adapter that names them
+    if spec.trainable is not None or spec.bias is not None:  # they train only with an active adapter that owns them
         freeze_base_(model)
         set_active(model, remaining_active)
 

@@ -1,4 +1,5 @@
-"""Per-adapter copies of ``trainable`` modules (PEFT's ``modules_to_save``), without a wrapper.
+"""Per-adapter copies of ``trainable`` modules (PEFT's ``modules_to_save``) and of the biases of
+the ``bias`` option, without a wrapper.
 
 PEFT wraps each such module (``ModulesToSaveWrapper``: the original plus one copy per
 adapter), which changes the module tree and the state_dict keys. We keep the module and its
@@ -16,8 +17,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
-from .spec import select_modules
-from .state import adapter_params, require_state, site_adapters, trainable_key, trainable_params
+from .state import adapter_params, owned_by, require_state, site_adapters, split_trainable_key
 
 __all__ = ["COPIES_ATTR", "BASE", "add_copies_", "sync_", "owners_for", "checkpoint_params", "drop_copies_",
            "base_keys", "original", "set_original_"]
@@ -64,38 +64,33 @@ def _param(model: nn.Module, key: str) -> nn.Parameter:
 
 
 def add_copies_(model: nn.Module, name: str) -> None:
-    """Give adapter ``name`` its own copy of its spec's trainable modules, initialised from
-    the original values (PEFT copies the original module)."""
+    """Give adapter ``name`` its own copy of the base parameters it trains (its spec's
+    ``trainable`` modules and ``bias`` option), initialised from the original values (PEFT
+    copies the original module)."""
     st = require_state(model)
-    spec = st.specs[name]
-    if spec.trainable is None:
-        return
-    names = [n for n, _ in model.named_modules()]
     with torch.no_grad():
-        for module in select_modules(names, spec.trainable):
-            for pname, p in model.get_submodule(module).named_parameters():
-                key = trainable_key(module, pname)
-                if key not in st.live:  # first adapter to name this module: the live values are the original
-                    st.copy_names[key] = (f"t{len(st.copy_names)}", module, pname)
-                    _put(model, BASE, key, p)
-                    st.live[key] = BASE
-                _put(model, name, key, _get(model, BASE, key))
+        for key, p in owned_by(model, name).items():
+            if key not in st.live:  # first adapter to own this parameter: the live values are the original
+                module, pname = split_trainable_key(key)
+                st.copy_names[key] = (f"t{len(st.copy_names)}", module, pname)
+                _put(model, BASE, key, p)
+                st.live[key] = BASE
+            _put(model, name, key, _get(model, BASE, key))
 
 
 def owners_for(model: nn.Module, active: tuple[str, ...], disabled: bool) -> dict[str, str | None]:
     """Trainable key -> the adapter whose values it should hold (BASE if none); AdapterError
-    if two active adapters both name a module (one module cannot hold two values)."""
+    if two active adapters both own a parameter (one parameter cannot hold two values)."""
     st = require_state(model)
     want: dict[str, str | None] = {k: BASE for k in st.live}
     claimed: dict[str, str] = {}
     for n in active:
-        if st.specs[n].trainable is None:
-            continue
-        for key in trainable_params(model, st.specs[n].trainable):
+        for key in owned_by(model, n):
             if key in claimed and claimed[key] != n:
                 raise AdapterError(
-                    f"adapters {claimed[key]!r} and {n!r} both train {key.removeprefix('trainable.')} (trainable=...), "
-                    f"and one module holds one adapter's values; activate them one at a time (PEFT refuses this too)")
+                    f"adapters {claimed[key]!r} and {n!r} both train {key.removeprefix('trainable.')} (trainable=... "
+                    f"or bias=...), and one parameter holds one adapter's values; activate them one at a time "
+                    f"(PEFT refuses this for modules_to_save too)")
             claimed[key] = n
             if not disabled:
                 want[key] = n
@@ -130,7 +125,7 @@ def checkpoint_params(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     trainable modules (the parameters themselves when it owns them now, else its copies)."""
     st = require_state(model)
     out: dict[str, torch.Tensor] = dict(adapter_params(model, name))
-    for key, p in trainable_params(model, st.specs[name].trainable if name in st.specs else None).items():
+    for key, p in owned_by(model, name).items():
         out[key] = p if st.live.get(key, name) == name else _get(model, name, key)
     return out
 

@@ -34,7 +34,7 @@ from .passes.match import match
 from .spec import AdapterSpec, exact_targets, select_modules
 from .copies import checkpoint_params
 from .state import (merged_sites, split_trainable_key, trainable_key, require_state, shared_key, shared_of, site_adapters, site_key, state_of,
-                    trainable_params)
+                    owned_params, trainable_params)
 
 __all__ = ["save_adapters", "load_adapters", "load_peft_adapter", "read_weights", "tensor_mismatch", "WEIGHTS_NAME",
            "CONFIG_NAME", "CHECKPOINT_KEYS"]
@@ -119,6 +119,9 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
     if inexpressible:
         raise AdapterError(f"adapter {name!r} ({spec.method.name}) uses {inexpressible}, which PEFT's "
                            f"{fmt.peft_type} config does not have; save with the default format")
+    if (spec.bias or "none") not in fmt.options.get("bias", ("none",)):
+        raise AdapterError(f"adapter {name!r} ({spec.method.name}) trains biases (bias={spec.bias!r}), which PEFT's "
+                           f"{fmt.peft_type} format does not store; save with the default format")
     ours_to_peft = {ours: suffix for suffix, ours in fmt.keys.items()}
     embedding_to_peft = {ours: suffix for suffix, ours in fmt.embedding_keys.items()}
     embedding_sites = {c.site for _, _, c in site_adapters(model) if c.kind == "embedding"}
@@ -128,17 +131,23 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
             key = site_key(site, param)
             if key in tensors:
                 out[f"base_model.model.{site}.{suffix}"] = tensors.pop(key)
-    # trainable modules: PEFT's modules_to_save, stored under the module's own name
+    # trainable modules: PEFT's modules_to_save, stored under the module's own name; biases of
+    # the bias= option under their parameter's name (PEFT's base_layer.bias where PEFT wraps a site)
     modules = set()
+    in_modules = trainable_params(model, spec.trainable)
     for key in list(tensors):
         module, param = split_trainable_key(key)
-        if module is not None:
+        if module is None:
+            continue
+        if key in in_modules:
             modules.add(module)
-            out[f"base_model.model.{module}.{param}"] = tensors.pop(key)
+        elif module in sites:
+            module += ".base_layer"
+        out[f"base_model.model.{module}.{param}"] = tensors.pop(key)
     if tensors:
         raise AdapterError(f"adapter {name!r}: tensors {sorted(tensors)[:4]} have no PEFT key; save with the "
                            f"default format")
-    cfg = {"peft_type": fmt.peft_type, "task_type": None, "inference_mode": True, "bias": "none",
+    cfg = {"peft_type": fmt.peft_type, "task_type": None, "inference_mode": True, "bias": spec.bias or "none",
            "fan_in_fan_out": False, "modules_to_save": sorted(modules) or None, "layers_to_transform": None,
            "layers_pattern": None,
            "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
@@ -328,7 +337,7 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
         activate = not previous
     shapes, groups = expected or _expected(model, spec, sites)
     shapes = dict(shapes)
-    shapes.update({k: tuple(t.shape) for k, t in trainable_params(model, spec.trainable).items()})
+    shapes.update({k: tuple(t.shape) for k, t in owned_params(model, spec, sites).items()})
     _check_tensors(tensors, shapes, source)
     on_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if on_meta:
@@ -340,7 +349,7 @@ def _install(model: nn.Module, name: str, spec: AdapterSpec, sites: list[str],
     if st is not None and name in st.specs:
         have = {c.site for _, _, c in site_adapters(model) if name in c}
         old = st.specs[name]
-        if (old.trainable != spec.trainable or have != set(sites)
+        if (old.trainable != spec.trainable or old.bias != spec.bias or have != set(sites)
                 or any(old.config_for(s) != spec.config_for(s) for s in sites)):
             raise AdapterError(
                 f"adapter {name!r} on the model has {old.method!r} at {len(have)} sites; {source} has "
@@ -495,6 +504,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
     saved = set(select_modules((n for n, _ in model.named_modules()), tuple(to_save))) if to_save else set()
     tensors, sites = {}, []
     base_copies: dict[str, torch.Tensor] = {}
+    bias = c.get("bias", "none")
     for key, t in raw.items():
         k = key.removeprefix("base_model.model.")
         if fmt.embedding_keys and k.endswith(".base_layer.weight"):
@@ -510,6 +520,11 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
                 break
         else:
             module = next((m for m in saved if k.startswith(m + ".")), None)
+            if module is None and bias != "none" and "bias" in k.rpartition(".")[2]:
+                # PEFT's bias="all"/"lora_only": the base biases it trained (base_layer.* where it wraps a site)
+                owner, _, param = k.rpartition(".")
+                tensors[trainable_key(owner.removesuffix(".base_layer"), param)] = t
+                continue
             if module is None:
                 raise AdapterError(f"{peft_dir}: unexpected tensor {key!r} for PEFT type {ptype}"
                                    + (f" (modules_to_save {to_save} select {sorted(saved)} on this model)"
@@ -519,7 +534,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
     try:
         spec = AdapterSpec(cfg, tuple(sites), rank_pattern=c.get("rank_pattern") or None,
                            alpha_pattern=c.get("alpha_pattern") or None,
-                           trainable=tuple(sorted(saved)) if saved else None)
+                           trainable=tuple(sorted(saved)) if saved else None, bias=bias)
     except AdapterError as e:
         raise AdapterError(f"{peft_dir / CONFIG_NAME}: {e}") from None
     return _install(model, name, spec, sites, tensors, str(peft_dir), is_trainable, activate,

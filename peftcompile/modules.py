@@ -79,7 +79,10 @@ class SiteAdapter(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype, device=device)))
         with torch.no_grad():
             if embedding is not None:
-                m.embed_init(cfg, dict(self.named_parameters()))
+                try:
+                    m.embed_init(cfg, dict(self.named_parameters()))
+                except AdapterError as e:
+                    raise AdapterError(f"{site}: {e}") from None
             else:
                 m.init(cfg, dict(self.named_parameters()), n_members)
         self.dropout = nn.Dropout(cfg.dropout_p) if cfg.dropout_p > 0 else nn.Identity()
@@ -126,8 +129,13 @@ class SiteAdapter(nn.Module):
             return method.delta(xa, w, cfg)
 
     def delta_weight(self) -> torch.Tensor:
-        """dW [out, in] such that forward(x) == x @ dW.T (without dropout)."""
+        """dW [out, in] such that forward(x) == x @ dW.T + delta_bias() (without dropout)."""
         return method_for(self.cfg).delta_weight(self.tensors(), self.cfg)
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """The delta's constant term [out] (what merging adds to the base bias), or None."""
+        f = method_for(self.cfg).delta_bias
+        return None if f is None else f(self.tensors(), self.cfg)
 
     def extra_repr(self) -> str:
         return f"{self.cfg!r}, site={self.site!r}"

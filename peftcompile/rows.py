@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import AdapterError, AdapterTypeError
 from .modules import BASE_ROW, refuse_compiled_rows
-from .state import merged_sites, require_state, state_of
+from .state import merged_sites, owned_by, require_state, state_of
 
 __all__ = ["check_adapter_names", "install_", "remove_", "MixedBatchGenerate", "BASE_ROW"]
 
@@ -57,11 +57,12 @@ def check_adapter_names(model: nn.Module, names: object, batch: int | None) -> t
     if merged:
         raise AdapterError(f"adapter_names: adapters are merged into the base weights at {merged[:3]}, so every row "
                            f"would get them. Fix: peftcompile.unmerge(model) first")
-    whole = sorted({n for n in names if n != BASE_ROW and st.specs[n].trainable is not None})
+    whole = sorted({n for n in names if n != BASE_ROW and owned_by(model, n)})
     if st.live and len(set(names)) > 1:
         # a trainable module holds one adapter's values (copies.py): the other rows would get them
-        raise AdapterError(f"adapter_names: adapter(s) {whole or sorted(n for n in st.specs if st.specs[n].trainable)} "
-                           f"train whole modules (trainable=...), which hold one adapter's values at a time, so rows "
+        raise AdapterError(f"adapter_names: adapter(s) {whole or sorted(n for n in st.specs if owned_by(model, n))} "
+                           f"train whole modules or biases (trainable=..., bias=...), which hold one adapter's values "
+                           f"at a time, so rows "
                            f"of different adapters cannot share a forward. Fix: one batch per adapter with "
                            f"peftcompile.set_active(model, name)")
     if batch is not None and batch != len(names):

@@ -69,6 +69,11 @@ class AdapterSpec:
     task_type: PEFT's task type; ``"SEQ_CLS"`` / ``"TOKEN_CLS"`` add the heads PEFT adds to
     ``modules_to_save`` (``classifier``, ``score``) and ``"QUESTION_ANS"`` adds ``qa_outputs``
     to ``trainable``; the other task types add nothing.
+    bias: PEFT's ``bias`` option: ``"all"`` trains every bias of the base model (PEFT's rule:
+    parameters named like ``bias``), ``"lora_only"`` the biases of the adapted sites'
+    modules, ``"none"`` (or None, the default) none. Unlike PEFT, where those biases are
+    shared by every adapter and stay trained when adapters are disabled, each adapter gets
+    its own copy of them, as for ``trainable`` (so ``disabled()`` is the base model exactly).
     """
 
     method: MethodConfig
@@ -81,6 +86,7 @@ class AdapterSpec:
     layers_to_transform: int | Sequence[int] | None = None
     layers_pattern: str | Sequence[str] | None = None
     task_type: str | None = None
+    bias: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, MethodConfig):
@@ -98,6 +104,9 @@ class AdapterSpec:
         object.__setattr__(self, "rank_pattern", self._pattern("rank_pattern", "r"))
         object.__setattr__(self, "alpha_pattern", self._pattern("alpha_pattern", "alpha"))
         object.__setattr__(self, "layers_to_transform", _norm_layers(self.layers_to_transform))
+        if not (self.bias is None or isinstance(self.bias, str)) or self.bias not in BIAS_OPTIONS:
+            raise AdapterError(f"AdapterSpec.bias={self.bias!r} is not one of PEFT's options {list(BIAS_OPTIONS)[1:]}")
+        object.__setattr__(self, "bias", BIAS_OPTIONS[self.bias])
         lp = _norm(self.layers_pattern, "layers_pattern")
         for pat in ([lp] if isinstance(lp, str) else lp or ()):
             _check_regex(pat, "layers_pattern")
@@ -185,7 +194,10 @@ class AdapterSpec:
                    trainable=d.get("trainable"), **{k: d.get(k) for k in _OPTIONAL})
 
 
-_OPTIONAL = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "task_type")
+_OPTIONAL = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "task_type", "bias")
+
+#: AdapterSpec.bias values (PEFT's ``bias``) -> the stored form
+BIAS_OPTIONS = {None: None, "none": None, "all": "all", "lora_only": "lora_only"}
 
 #: PEFT's task types -> the heads its PeftModelFor<task> adds to modules_to_save.
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),

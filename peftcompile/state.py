@@ -18,7 +18,7 @@ are the only walks that build these keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from torch import nn
 
@@ -41,12 +41,17 @@ __all__ = [
     "split_trainable_key",
     "adapter_params",
     "trainable_params",
+    "bias_params",
+    "owned_params",
+    "owned_by",
+    "adapter_sites",
     "trainable_modules",
     "freeze_base_",
 ]
 
 SHARED_ATTR = "peftcompile_shared"
 STATE_ATTR = "_peftcompile_state"
+OURS = "peftcompile"  # every attribute peftcompile adds to a model starts with this
 
 
 @dataclass
@@ -141,6 +146,44 @@ def trainable_params(model: nn.Module, patterns) -> dict[str, nn.Parameter]:
     return {trainable_key(n, p): t for n in names for p, t in model.get_submodule(n).named_parameters()}
 
 
+def bias_params(model: nn.Module, bias: str | None, sites: Iterable[str]) -> dict[str, nn.Parameter]:
+    """``trainable.<module>.bias`` for PEFT's ``bias`` option (a spec's ``bias``): "all": every
+    base parameter named like a bias (PEFT: ``"bias" in name``); "lora_only": the biases of
+    the adapted ``sites``' own modules; None: none."""
+    if bias is None:
+        return {}
+    if bias == "all":
+        return {trainable_key(*n.rpartition(".")[::2]): p for n, p in model.named_parameters()
+                if "bias" in n.rpartition(".")[2] and not any(x.startswith(OURS) for x in n.split("."))}
+    out = {}
+    for s in sites:
+        try:
+            b = model.get_submodule(s).get_parameter("bias")
+        except AttributeError:  # not a module (a functional site on another attribute), or no bias
+            continue
+        out[trainable_key(s, "bias")] = b
+    return out
+
+
+def owned_params(model: nn.Module, spec: AdapterSpec, sites: Iterable[str]) -> dict[str, nn.Parameter]:
+    """Base parameters an adapter with ``spec`` at ``sites`` trains with a copy of its own
+    (:mod:`peftcompile.copies`): its ``trainable`` modules' and its ``bias`` option's."""
+    out = trainable_params(model, spec.trainable)
+    out.update(bias_params(model, spec.bias, sites))
+    return out
+
+
+def adapter_sites(model: nn.Module, name: str) -> list[str]:
+    """The sites adapter ``name`` is attached to."""
+    return [c.site for _, _, c in site_adapters(model) if name in c]
+
+
+def owned_by(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """:func:`owned_params` of adapter ``name`` on the model ({} for an unknown name)."""
+    st = require_state(model)
+    return owned_params(model, st.specs[name], adapter_sites(model, name)) if name in st.specs else {}
+
+
 def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules the adapters' specs keep trainable (``AdapterSpec.trainable``), by name."""
     st = state_of(model)
@@ -153,7 +196,9 @@ def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def freeze_base_(model: nn.Module) -> None:
-    """Freeze everything but adapters and the specs' ``trainable`` modules."""
+    """Freeze everything but adapters and the base parameters adapters own copies of
+    (``trainable`` modules, ``bias``); :func:`~peftcompile.api.set_active` narrows the latter
+    to the training adapters'."""
     adapter_ids = {id(p) for _, _, c in site_adapters(model) for p in c.parameters()}
     shared = getattr(model, SHARED_ATTR, None)
     if shared is not None:
@@ -161,7 +206,7 @@ def freeze_base_(model: nn.Module) -> None:
     for p in model.parameters():
         if id(p) not in adapter_ids:
             p.requires_grad_(False)
-    for m in trainable_modules(model).values():
-        for p in m.parameters():
+    for name in require_state(model).specs:
+        for p in owned_by(model, name).values():
             if id(p) not in adapter_ids:
                 p.requires_grad_(True)

@@ -20,7 +20,7 @@ from .errors import AdapterError, AdapterTypeError
 from .methods import DEFAULT_METHOD, get_method, method_for
 from .modules import SiteAdapter
 from .spec import AdapterSpec, exact_targets
-from .state import require_state, site_adapters, trainable_params
+from .state import require_state, site_adapters, owned_by
 
 __all__ = ["add_weighted_adapter", "COMBINATIONS"]
 
@@ -71,12 +71,12 @@ def _check_args(model: nn.Module, adapters: Sequence[str], weights: Sequence[flo
     # adapters training different modules combine, and the result trains adapters[0]'s (as PEFT)
     owners: dict[str, list[str]] = {}
     for a in adapters:
-        if st.specs[a].trainable is not None:
-            for key in trainable_params(model, st.specs[a].trainable):
-                owners.setdefault(key.removeprefix("trainable."), []).append(a)
+        for key in owned_by(model, a):
+            owners.setdefault(key.removeprefix("trainable."), []).append(a)
     shared = {k: v for k, v in owners.items() if len(v) > 1}
     if shared:
-        raise AdapterError(f"add_weighted_adapter: adapters train the same module (trainable=...), whose copies "
+        raise AdapterError(f"add_weighted_adapter: adapters train the same module or bias (trainable=..., bias=...), "
+                           f"whose copies "
                            f"cannot be combined: {shared} (PEFT: 'Cannot add weighted adapters if they target the "
                            f"same module with modules_to_save')")
     return adapters
@@ -163,8 +163,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             new[c.site] = _combine(present, combination_type, rank, svd)
     target = get_method(DEFAULT_METHOD)
     cfg, _ = target.from_factors(*next(iter(new.values())))
-    trainable = st.specs[adapters[0]].trainable  # PEFT: the new config is adapters[0]'s
-    plan = plan_adapt(model, AdapterSpec(cfg, exact_targets(new), trainable=trainable), adapter_name)
+    first = st.specs[adapters[0]]  # PEFT: the new config is adapters[0]'s
+    plan = plan_adapt(model, AdapterSpec(cfg, exact_targets(new), trainable=first.trainable, bias=first.bias),
+                      adapter_name)
     dtype = next(iter(conts[0][adapters[0]].parameters())).dtype
     previous = st.active
     apply_plan_(model, plan)

@@ -227,9 +227,10 @@ def _as_lora(work: nn.Module, name: str) -> dict[str, tuple[torch.Tensor, torch.
     from ..state import site_adapters, state_of
 
     spec = state_of(work).specs[name]
-    if spec.trainable is not None:
-        raise AdapterError(f"adapter {name!r} trains whole modules ({spec.trainable!r}); a LoRA-only runtime cannot "
-                           f"serve them: export it with merged=True, or train without AdapterSpec.trainable")
+    if spec.trainable is not None or spec.bias is not None:
+        raise AdapterError(f"adapter {name!r} trains whole modules or biases (trainable={spec.trainable!r}, "
+                           f"bias={spec.bias!r}); a LoRA-only runtime cannot serve them: export it with merged=True, "
+                           f"or train without AdapterSpec.trainable / bias")
     out = {}
     for host, _, cont in site_adapters(work):
         if name not in cont:

@@ -104,7 +104,10 @@ class Method:
         out = embedding_dim) for integer ``ids``; ``kwargs`` are the embedding's own
         ``F.embedding`` options (padding_idx, scale_grad_by_freq, sparse). Optional: a method
         without it refuses Embedding targets. ``delta_weight`` gives dW [dim, num] (W += dW.T).
-    embed_init(cfg, p) -> initialise an embedding site's own parameters (with ``embed``).
+    embed_init(cfg, p) -> initialise an embedding site's own parameters (with ``embed``);
+        AdapterError if this config has no embedding form.
+    delta_bias(params, cfg) -> [out] or None: a delta's constant term (LoRA's ``lora_bias``),
+        which merging adds to the base bias; None when the delta is linear in x.
     """
 
     name: str
@@ -128,6 +131,7 @@ class Method:
     scale_params: tuple[str, ...] = ()
     embed: Callable[..., torch.Tensor] | None = None
     embed_init: Callable[..., None] | None = None
+    delta_bias: Callable[..., "torch.Tensor | None"] | None = None
 
     @property
     def shares(self) -> bool:

@@ -205,6 +205,8 @@ SUPPORTED = [
     ("Vanilla MLP 4 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0", "lin1"]}),
     ("Vanilla MLP 5 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}),
     ("Vanilla MLP 6 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.1}),
+    ("Vanilla MLP 1 LoRA with lora_b bias", "MLP", LoraConfig,
+     {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}),
     ("Embedding + transformers Conv1D 1 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["conv1d"]}),
     ("Embedding + transformers Conv1D 2 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["emb"]}),
     ("Embedding + transformers Conv1D 3 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["emb", "conv1d"]}),
@@ -236,10 +238,10 @@ def to_spec(config_cls, kwargs: dict) -> pc.AdapterSpec:
              if kw.get(k) is not None}
     for ignored in ("init_lora_weights", "init_weights", "task_type", "base_model_name_or_path"):
         kw.pop(ignored, None)
-    assert kw.pop("bias", "none") == "none"
+    bias = kw.pop("bias", "none")
     if config_cls is LoraConfig:
         method = pc.LoRA(r=kw.pop("r", 8), alpha=kw.pop("lora_alpha", 8), dropout=kw.pop("lora_dropout", 0.0),
-                         use_rslora=kw.pop("use_rslora", False))
+                         use_rslora=kw.pop("use_rslora", False), lora_bias=kw.pop("lora_bias", False))
     elif config_cls is GraloraConfig:
         method = pc.GraLoRA(r=kw.pop("r", 32), k=kw.pop("gralora_k", 2), alpha=kw.pop("alpha", 64),
                             hybrid_r=kw.pop("hybrid_r", 0), dropout=kw.pop("gralora_dropout", 0.0))
@@ -247,7 +249,7 @@ def to_spec(config_cls, kwargs: dict) -> pc.AdapterSpec:
         raise AssertionError(config_cls)
     assert not kw, f"no peftcompile translation for {kw}"
     return pc.AdapterSpec(method, targets=targets if targets is None or isinstance(targets, str) else list(targets),
-                          trainable=trainable, **extra)
+                          trainable=trainable, bias=bias, **extra)
 
 
 def init_false(config_cls, kwargs: dict) -> dict:
@@ -270,7 +272,9 @@ def transplant(peft_model, ours: nn.Module, name: str = "default") -> None:
                 if k.endswith("." + suffix):
                     k = f"{k[: -len(suffix) - 1]}.peftcompile.{name}.{param}"
                     break
-            live[k].copy_(t)  # a site's adapter tensor, or a modules_to_save weight
+            else:  # bias="all"/"lora_only": a trained base bias (PEFT's base_layer.bias at a wrapped site)
+                k = k.replace(".base_layer.", ".")
+            live[k].copy_(t)  # a site's adapter tensor, a modules_to_save weight or a trained bias
             done.add(k)
     ours_adapter = {k for k in live if f".peftcompile.{name}." in k}
     assert ours_adapter <= done, f"not transplanted: {sorted(ours_adapter - done)}"

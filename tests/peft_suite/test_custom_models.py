@@ -893,16 +893,10 @@ REFUSED_CHECKPOINTS = [
                                                                           "use_dora": True}, "use_dora"),
     ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D", LoraConfig,
      {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}, "trainable_token_indices"),
-    ("Vanilla MLP 1 LoRA with lora_b bias", "MLP", LoraConfig,
-     {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}, "lora_bias"),
     ("MLP 2 using nn.Parameter LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"],
                                                            "target_parameters": ["lin1.weight"]}, "target_parameters"),
     ("Vanilla MLP 1 LoRA with Monteclora", "MLP", LoraConfig,
      {"target_modules": ["lin0"], "monteclora_config": MontecloraConfig(num_samples=2)}, "monteclora_config"),
-    # _test_adding_multiple_adapters_with_bias_raises: bias training is refused on load
-    ("Vanilla MLP 4 LoRA bias=all", "MLP", LoraConfig, {"target_modules": ["lin0", "lin1"], "bias": "all"}, "bias='all'"),
-    ("Vanilla MLP 4 LoRA bias=lora_only", "MLP", LoraConfig, {"target_modules": ["lin0", "lin1"],
-                                                               "bias": "lora_only"}, "bias='lora_only'"),
 ]
 
 #: rows whose layers or modules_to_save overlap pc.adapt refuses (README "Guarantees": "a listed

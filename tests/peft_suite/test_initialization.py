@@ -21,6 +21,7 @@ from scipy import stats
 from torch import nn
 
 import peftcompile as pc
+from peftcompile.errors import AdapterWarning
 from peftcompile.state import state_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -210,13 +211,12 @@ def test_rank_alpha_pattern_override():
     assert peft_model.base_model.model[0].linear.scaling["default"] == scaling_with_rank_pattern == 2 / 8
 
 
-# Base-modifying inits, DoRA and lora_bias: refused by name on load (README "Guarantees":
+# Base-modifying inits and DoRA: refused by name on load (README "Guarantees":
 # "base-modifying inits such as PiSSA/LoftQ"; "Coming from PEFT": DoRA refused by name).
 REFUSED = [
     ("test_lora_pissa_linear_init_default", {"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
     ("test_lora_olora_linear_init_default", {"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
     ("test_lora_use_dora_linear", {"use_dora": True}, "use_dora"),
-    ("test_lora_with_bias_argument", {"lora_bias": True}, "lora_bias"),
 ]
 
 
@@ -297,3 +297,68 @@ def test_gralora_with_incompatible_gralora_k_and_features_raises(site, what):
     with pytest.raises(pc.AdapterError, match=f"{site}: GraLoRA k=3 must divide .*{what}"):
         pc.adapt(model, pc.AdapterSpec(pc.GraLoRA(r=6, k=3), targets=[site]))
     assert state_of(model) is None
+
+
+# ------------------------------------------------------------------ PEFT's bias tests
+class LinearEmbed(nn.Module):
+    # PEFT's get_model for the bias tests, without the conv2d part: a biased linear, an embedding
+    def __init__(self, bias=True):
+        super().__init__()
+        self.linear = nn.Linear(100, 100, bias=bias)
+        self.embed = nn.Embedding(100, 100)
+
+    def forward(self, x):
+        return self.linear(self.embed(x))
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only", "invalid"])
+def test_lora_with_bias_argument(bias):
+    if bias == "invalid":  # PEFT: NotImplementedError from get_peft_model; ours: AdapterError from the spec
+        with pytest.raises(pc.AdapterError, match="bias='invalid'"):
+            pc.AdapterSpec(pc.LoRA(), targets=["linear"], bias=bias)
+        return
+    peft_model = get_peft_model(LinearEmbed(), LoraConfig(target_modules=["linear"], bias=bias))
+    model = pc.adapt(LinearEmbed(), pc.AdapterSpec(pc.LoRA(), targets=["linear"], bias=bias))
+    ours = {n for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad}
+    theirs = {n.removeprefix("base_model.model.").replace(".base_layer", "")
+              for n, p in peft_model.named_parameters() if n.endswith("bias") and p.requires_grad}
+    assert ours == theirs == ({"linear.bias"} if bias != "none" else set())
+
+
+def test_lora_with_bias_extra_params():
+    no_bias = pc.adapt(LinearEmbed(), pc.AdapterSpec(pc.LoRA(), targets=["linear"]))
+    with_bias = pc.adapt(LinearEmbed(), pc.AdapterSpec(pc.LoRA(lora_bias=True), targets=["linear"]))
+    assert not hasattr(no_bias.linear.peftcompile["default"], "lora_B_bias")
+    assert with_bias.linear.peftcompile["default"].lora_B_bias.shape == (100,)
+    params_no_bias = {n for n, _ in no_bias.named_parameters()}
+    params_bias = {n for n, _ in with_bias.named_parameters()}
+    assert params_bias - params_no_bias == {"linear.peftcompile.default.lora_B_bias"}
+
+
+def test_lora_with_bias_embedding_raises():
+    model = LinearEmbed()
+    with pytest.raises(pc.AdapterError, match=r"embed: LoRA\(lora_bias=True\) has no nn.Embedding form"):
+        pc.adapt(model, pc.AdapterSpec(pc.LoRA(lora_bias=True), targets=["embed"]))
+    assert state_of(model) is None
+
+
+def test_lora_linear_with_bias_when_base_layer_has_no_bias_warns():
+    with pytest.warns(AdapterWarning, match=r"\['linear'\].*base layer has no bias"):
+        pc.adapt(LinearEmbed(bias=False), pc.AdapterSpec(pc.LoRA(lora_bias=True), targets=["linear"]))
+
+
+def test_multiple_configs_with_bias_are_per_adapter():
+    # PEFT: "supports only 1 adapter with bias" (ValueError on the second). Ours differs on purpose
+    # (README "Coming from PEFT", bias=): each adapter trains its own copy of the biases.
+    model = pc.adapt(LinearEmbed(), pc.AdapterSpec(pc.LoRA(), targets=["linear"], bias="all"))
+    pc.adapt(model, pc.AdapterSpec(pc.LoRA(), targets=["linear"], bias="lora_only"), "other")
+    pc.adapt(model, pc.AdapterSpec(pc.LoRA(), targets=["linear"]), "plain")
+    assert set(state_of(model).specs) == {"default", "other", "plain"}
+    original = model.linear.bias.detach().clone()
+    pc.set_active(model, "other")
+    with torch.no_grad():
+        model.linear.bias.add_(1.0)  # "other" trains its copy
+    for name, want in (("default", original), ("plain", original), ("other", original + 1)):
+        pc.set_active(model, name)
+        assert torch.equal(model.linear.bias, want), name
+        assert model.linear.bias.requires_grad is (name != "plain")

@@ -6,36 +6,47 @@ import operator
 
 import torch
 
+from ...errors import AdapterError
 from ..registry import ANY, Lowering, Method, PeftFormat, register_method, shapes_check
-from .math import LoRA, lora_as_lora, lora_delta, lora_delta_weight, lora_embed, lora_embed_init, lora_init, lora_shapes
+from .math import LoRA, lora_as_lora, lora_delta, lora_delta_bias, lora_delta_weight, lora_embed, lora_embed_init, lora_init, lora_shapes
 
 __all__ = ["LoRA", "lora_delta", "lora_delta_weight"]
 
 
 def _lower(emit, x, w, b, p, cfg: LoRA, xa=None):
-    # y = x W^T + b + s (xa A^T) B^T
-    return emit(torch.ops.peftcompile.lowrank_linear.default, x, w, b, p["lora_A"], p["lora_B"], None,
-                float(cfg.scaling), xa)
+    # y = x W^T + b + s (xa A^T) B^T  (+ s b_B with lora_bias: one broadcast add after the fused op)
+    y = emit(torch.ops.peftcompile.lowrank_linear.default, x, w, b, p["lora_A"], p["lora_B"], None,
+             float(cfg.scaling), xa)
+    return _plus_bias(emit, y, [(p, cfg)])
 
 
 def _stack(emit, x, w, b, pcs):
     # sum_a s_a (x A_a^T) B_a^T = (x [A_1; A_2; ...]^T) [s_1 B_1, s_2 B_2, ...]^T
     A = emit(torch.cat, [p["lora_A"] for p, _ in pcs], 0)
     B = emit(torch.cat, [emit(operator.mul, p["lora_B"], float(c.scaling)) for p, c in pcs], 1)
-    return emit(torch.ops.peftcompile.lowrank_linear.default, x, w, b, A, B, None, 1.0, None)
+    y = emit(torch.ops.peftcompile.lowrank_linear.default, x, w, b, A, B, None, 1.0, None)
+    return _plus_bias(emit, y, pcs)
+
+
+def _plus_bias(emit, y, pcs):
+    for p, c in pcs:
+        if "lora_B_bias" in p:
+            y = emit(operator.add, y, emit(operator.mul, p["lora_B_bias"], float(c.scaling)))
+    return y
 
 
 def _from_peft(c: dict) -> LoRA:
     return LoRA(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)),
-                use_rslora=bool(c.get("use_rslora", False)))
+                use_rslora=bool(c.get("use_rslora", False)), lora_bias=bool(c.get("lora_bias", False)))
 
 
 def _to_peft(cfg: LoRA) -> dict:
-    return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora}
+    return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+            "lora_bias": cfg.lora_bias}
 
 
 # PEFT 0.21 LoraConfig fields: ANY = does not change the loaded math; a tuple = the values we
-# implement exactly. Everything else (DoRA, aLoRA, bias, weight-modifying inits such as
+# implement exactly. Everything else (DoRA, aLoRA, weight-modifying inits such as
 # PiSSA/OLoRA/LoftQ/CorDA, target_parameters, ...) is refused by name. rank_pattern /
 # alpha_pattern become the spec's own (same matching rule); layers_to_transform/layers_pattern
 # only chose the sites, which the checkpoint's tensors name; modules_to_save become the spec's
@@ -47,12 +58,19 @@ _PEFT_OPTIONS = {
                         "layers_pattern", "ensure_weight_tying", "eva_config", "rank_pattern", "alpha_pattern",
                         "layers_to_transform", "modules_to_save")},
     "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
-    "bias": ("none",), "use_rslora": (False, True), "use_dora": (False,), "use_qalora": (False,), "lora_bias": (False,),
+    "bias": ("none", "all", "lora_only"), "use_rslora": (False, True), "use_dora": (False,), "use_qalora": (False,), "lora_bias": (False, True),
     "megatron_config": (None,), "trainable_token_indices": (None,), "loftq_config": ({},), "corda_config": (None,),
     "lora_ga_config": (None,), "velora_config": (None,), "alora_invocation_tokens": (None,),
     "monteclora_config": (None,), "layer_replication": (None,), "target_parameters": (None,),
     "use_bdlora": (None,), "arrow_config": (None,), "kasa_config": (None,),
 }
+
+
+def _factors(p, cfg: LoRA):
+    if cfg.lora_bias:  # PEFT's linear combination has no rule for lora_B's bias either
+        raise AdapterError("LoRA(lora_bias=True): a weighted combination of factors has no rule for the bias b_B; "
+                           "combine adapters trained with lora_bias=False")
+    return p["lora_A"], p["lora_B"], cfg.scaling
 
 
 def _default_targets(model_type: str) -> list[str] | None:
@@ -72,14 +90,15 @@ register_method(
         check_site=lambda cfg, in_f, out_f: None,
         lowering=Lowering(shapes_check(lora_shapes), _lower, _stack),
         rank_axes={"lora_A": (0,), "lora_B": (1,)},
-        peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, _from_peft, _to_peft,
+        peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_B.bias": "lora_B_bias"}, _from_peft, _to_peft,
                         _PEFT_OPTIONS, _default_targets,
                         embedding_keys={"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}),
         as_lora=lora_as_lora,
-        factors=lambda p, cfg: (p["lora_A"], p["lora_B"], cfg.scaling),
+        factors=_factors,
         # alpha = r: scaling 1, so the factors are stored as given
         from_factors=lambda A, B: (LoRA(r=A.shape[0], alpha=float(A.shape[0])), {"lora_A": A, "lora_B": B}),
-        scale_params=("lora_B",),
+        scale_params=("lora_B", "lora_B_bias"),
+        delta_bias=lora_delta_bias,
         embed=lora_embed,
         embed_init=lora_embed_init,
     )

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...errors import AdapterTypeError
+from ...errors import AdapterError, AdapterTypeError
 from ..lowrank import lowrank, lowrank_weight
 from ..registry import MethodConfig, Params, kaiming_
 
-__all__ = ["LoRA", "lora_delta", "lora_delta_weight", "lora_shapes", "lora_init", "lora_as_lora", "lora_embed",
+__all__ = ["LoRA", "lora_delta", "lora_delta_weight", "lora_shapes", "lora_init", "lora_as_lora", "lora_delta_bias", "lora_embed",
            "lora_embed_init"]
 
 
@@ -25,11 +25,13 @@ class LoRA(MethodConfig):
     alpha: float = field(default=16.0, metadata={"help": "scaling numerator"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
     use_rslora: bool = field(default=False, metadata={"help": "scaling alpha / sqrt(r) instead of alpha / r"})
+    lora_bias: bool = field(default=False, metadata={"help": "B gets a bias (PEFT's lora_bias): delta += s * b_B"})
 
     def __post_init__(self) -> None:
         super().__post_init__()  # r, alpha, dropout
-        if not isinstance(self.use_rslora, bool):
-            raise AdapterTypeError(f"LoRA: use_rslora must be True or False, got {self.use_rslora!r}")
+        for f in ("use_rslora", "lora_bias"):
+            if not isinstance(getattr(self, f), bool):
+                raise AdapterTypeError(f"LoRA: {f} must be True or False, got {getattr(self, f)!r}")
 
     @property
     def scaling(self) -> float:
@@ -37,17 +39,30 @@ class LoRA(MethodConfig):
 
 
 def lora_shapes(cfg: LoRA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple[int, ...]]:
-    return {"lora_A": (cfg.r, in_f), "lora_B": (out_f, cfg.r)}
+    shapes = {"lora_A": (cfg.r, in_f), "lora_B": (out_f, cfg.r)}
+    if cfg.lora_bias:
+        shapes["lora_B_bias"] = (out_f,)
+    return shapes
 
 
 def lora_init(cfg: LoRA, p: Params, n: int = 1) -> None:
     kaiming_(p["lora_A"])
     torch.nn.init.zeros_(p["lora_B"])
+    if "lora_B_bias" in p:
+        torch.nn.init.zeros_(p["lora_B_bias"])
 
 
 def lora_delta(x: torch.Tensor, p: Params, cfg: LoRA) -> torch.Tensor:
     # [..., in] @ [in, r] -> [..., r] @ [r, out] -> [..., out]
-    return lowrank(x, p["lora_A"], p["lora_B"], cfg.scaling)
+    d = lowrank(x, p["lora_A"], p["lora_B"], cfg.scaling)
+    if "lora_B_bias" in p:  # PEFT: lora_B(lora_A(x)) * s with lora_B's own bias inside the product
+        d = d + p["lora_B_bias"] * cfg.scaling
+    return d
+
+
+def lora_delta_bias(p: Params, cfg: LoRA) -> torch.Tensor | None:
+    """What merging adds to the base bias: s * b_B (None without ``lora_bias``)."""
+    return p["lora_B_bias"] * cfg.scaling if "lora_B_bias" in p else None
 
 
 def lora_delta_weight(p: Params, cfg: LoRA) -> torch.Tensor:
@@ -55,11 +70,17 @@ def lora_delta_weight(p: Params, cfg: LoRA) -> torch.Tensor:
 
 
 def lora_as_lora(p: Params, cfg: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
+    if cfg.lora_bias:
+        raise AdapterError("LoRA(lora_bias=True) adds a bias term s * b_B that a plain LoRA pair (A, B) cannot "
+                           "express; merge the adapter (merge_and_unload) first, or train it with lora_bias=False")
     return p["lora_A"], p["lora_B"] * cfg.scaling
 
 
 def lora_embed_init(cfg: LoRA, p: Params) -> None:
     """PEFT's embedding init: A zeros, B normal (the delta starts at zero through A)."""
+    if "lora_B_bias" in p:
+        raise AdapterError("LoRA(lora_bias=True) has no nn.Embedding form (PEFT refuses it too). Fix: remove the "
+                           "embedding from targets, or use lora_bias=False")
     torch.nn.init.zeros_(p["lora_A"])
     torch.nn.init.normal_(p["lora_B"])
 
