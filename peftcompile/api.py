@@ -23,7 +23,7 @@ from . import rows
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import Method, method_for, registered_methods
 from .modules import BASE_ROW, SharedTensors, SiteAdapter, SiteAdapterSet
-from .passes.capture import capture, site_kind
+from .passes.capture import capture, embed_scale, site_kind
 from .passes.match import Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
 from .spec import (ALL_LINEAR, AdapterSpec, Placement, default_targets, layer_index, matches, pattern_matches, select_modules,
@@ -349,8 +349,10 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
 
 
 def embedding_options(emb: nn.Embedding) -> dict:
-    """The ``F.embedding`` options of an embedding site that its adapter's lookup uses too (as PEFT's)."""
-    return {"padding_idx": emb.padding_idx, "scale_grad_by_freq": emb.scale_grad_by_freq, "sparse": emb.sparse}
+    """The ``F.embedding`` options of an embedding site that its adapter's lookup uses too (as
+    PEFT's), and ``scale``: the subclass's ``embed_scale`` that multiplies its output (None if none)."""
+    return {"padding_idx": emb.padding_idx, "scale_grad_by_freq": emb.scale_grad_by_freq, "sparse": emb.sparse,
+            "scale": embed_scale(emb)}
 
 
 def _check_embedding_sites(model: nn.Module, method: Method, sites: Sequence[Site]) -> None:

@@ -70,8 +70,10 @@ class SiteAdapter(nn.Module):
         m = method_for(cfg)
         if embedding is not None and m.embed is None:
             raise AdapterError(f"{site}: method {cfg.name!r} cannot adapt an nn.Embedding")
-        #: the site's F.embedding options when it is an nn.Embedding (the delta then takes ids)
-        self.embedding = None if embedding is None else dict(embedding)
+        #: the site's F.embedding options when it is an nn.Embedding (the delta then takes ids), and
+        #: the scale its (subclass's) forward multiplies the lookup by (PEFT scales the delta by it too)
+        self.embedding = None if embedding is None else {k: v for k, v in embedding.items() if k != "scale"}
+        self.embed_scale = None if embedding is None else embedding.get("scale")
         self._cfg_key, cfg = _interned(cfg)
         self.cfg, self.site, self.adapter = cfg, site, adapter
         self.in_features, self.out_features, self.n_members = in_f, out_f, n_members
@@ -96,6 +98,7 @@ class SiteAdapter(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("embed_scale", None)  # pickled before scaled embeddings were sites
         self._cfg_key, self.cfg = _interned(self.cfg)  # unpickled in another process, or deep-copied
 
     @property
@@ -122,6 +125,8 @@ class SiteAdapter(nn.Module):
                 w[k] = w[k] * gate
             if self.embedding is not None:  # x: integer ids; no dropout (PEFT's lora.Embedding has none)
                 d = method.embed(x, w, cfg, self.embedding)
+                if self.embed_scale is not None:
+                    d = d * self.embed_scale
                 return d * gate if gate is not None and not scaled else d
             xa = self.dropout(x.to(dtype))
             if gate is not None and not scaled:

@@ -312,3 +312,93 @@ def test_mixed_adapter_batch_routes_embedding_rows():
         assert torch.allclose(y[0], per["b"][0], atol=TOL)
         assert torch.allclose(y[1], base(ids).logits[1], atol=TOL)
         assert torch.allclose(y[2], per["default"][2], atol=TOL)
+
+
+# ------------------------------------------------------------------ scaled embeddings (Gemma 3)
+def _tiny_gemma3(tie: bool = False):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def test_scaled_embedding_matches_peft_merges_and_loads_both_ways(tmp_path):
+    """Gemma 3's Gemma3TextScaledWordEmbedding (forward = lookup * embed_scale): the delta is scaled
+    too, as PEFT's ``_get_embed_scale``; merge (W += dW) then equals the unmerged model."""
+    base = _tiny_gemma3()
+    assert type(base.model.embed_tokens) is not nn.Embedding and float(base.model.embed_tokens.embed_scale) != 1
+    m = copy.deepcopy(base)
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=4, alpha=8), ["embed_tokens", "q_proj"]))
+    randomize_adapters_(m)
+    pm = _peft_twin(base, m, ["embed_tokens", "q_proj"])
+    ids = _ids(64, (2, 7))
+    with torch.no_grad():
+        want, y = pm(input_ids=ids).logits, m(input_ids=ids).logits
+        assert (want - base(input_ids=ids).logits).abs().max() > 1e-2
+        assert ((y - want).abs().max() / want.abs().max()).item() <= TOL
+        pm.save_pretrained(tmp_path / "peft")
+        pc.save_adapters(m, tmp_path / "ours", format="peft")
+        back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+        assert ((back(input_ids=ids).logits - want).abs().max() / want.abs().max()).item() <= TOL
+        loaded = pc.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft")
+        assert ((loaded(input_ids=ids).logits - want).abs().max() / want.abs().max()).item() <= TOL
+        pc.merge(m)
+        assert ((m(input_ids=ids).logits - want).abs().max() / want.abs().max()).item() <= TOL
+        pc.unmerge(m)
+        assert ((m(input_ids=ids).logits - want).abs().max() / want.abs().max()).item() <= TOL
+
+
+def test_scaled_embedding_compiles_and_exports(tmp_path):
+    from peftcompile.export import OrtAdapterSession, to_onnx
+    from conftest import compile_fast
+
+    base = _tiny_gemma3()
+    m = copy.deepcopy(base)
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=4, alpha=8), ["embed_tokens"]))
+    randomize_adapters_(m)
+    ids = _ids(64, (2, 7))
+    with torch.no_grad():
+        want = m(input_ids=ids).logits
+        torch._dynamo.reset()
+        torch.testing.assert_close(compile_fast(m)(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch._dynamo.reset()
+    exp = to_onnx(m, {"input_ids": ids}, tmp_path / "g.onnx", merged=False)
+    got = next(iter(OrtAdapterSession(exp.path).bind(exp.sidecar).run({"input_ids": ids}).values()))
+    assert ((torch.as_tensor(got) - want).abs().max() / want.abs().max()).item() <= 1e-4
+
+
+class ReshapingEmbedding(nn.Embedding):
+    """A subclass whose forward is not the lookup (nor a scaled one): not a site."""
+
+    def forward(self, ids):
+        return super().forward(ids).flip(-1)
+
+
+def test_embedding_subclass_with_its_own_forward_is_refused():
+    m = EmbNet()
+    m.emb = ReshapingEmbedding(20, 8)
+    with pytest.raises(pc.AdapterError, match=r"matched no linear site"):
+        pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["emb"]))
+    assert state_of(m) is None
+
+
+def test_plain_embedding_subclass_without_forward_is_a_site():
+    class Tagged(nn.Embedding):
+        pass
+
+    m = EmbNet()
+    m.emb = Tagged(20, 8, padding_idx=0)
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["emb"]))
+    randomize_adapters_(m)
+    pm = _peft_twin_plain(m)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), pm(ids), atol=1e-6, rtol=1e-5)
+
+
+def _peft_twin_plain(ours):
+    base = copy.deepcopy(ours)
+    pc.unload(base)
+    return _peft_twin(base, ours, ["emb"], r=2, alpha=16.0)

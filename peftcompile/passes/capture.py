@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Unit", "Capture", "capture", "is_site_module", "is_embedding_site", "site_kind", "Tracer"]
+__all__ = ["Unit", "Capture", "capture", "is_site_module", "is_embedding_site", "embed_scale", "site_kind", "Tracer"]
 
 try:  # HF GPT-2 and friends: a linear layer with W stored as [in, out]
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -45,9 +45,23 @@ def site_kind(m: nn.Module) -> str | None:
 
 
 def is_embedding_site(m: nn.Module) -> bool:
-    """A plain ``nn.Embedding`` (not a subclass: those may scale or reshape in forward): a site
-    of kind "embedding" that match() reports only when asked (an explicit target names it)."""
-    return type(m) is nn.Embedding
+    """An ``nn.Embedding`` whose output is its lookup, optionally times a scalar ``embed_scale``
+    (Gemma's scaled embeddings; PEFT scales the adapter's output by it too): a site of kind
+    "embedding" that match() reports only when asked (an explicit target names it). Other
+    subclasses that override forward may reshape or mix the lookup: not sites."""
+    if not isinstance(m, nn.Embedding):
+        return False
+    return type(m).forward is nn.Embedding.forward or embed_scale(m) is not None
+
+
+def embed_scale(m: nn.Module) -> float | None:
+    """The scalar ``embed_scale`` of a scaled embedding subclass (PEFT's ``_get_embed_scale``), or None."""
+    s = getattr(m, "embed_scale", None)
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        return float(s)
+    if isinstance(s, torch.Tensor) and s.numel() == 1 and s.is_floating_point():
+        return float(s)
+    return None
 
 
 def is_site_module(m: nn.Module) -> bool:

@@ -1,11 +1,11 @@
 """Port of PEFT's ``tests/test_initialization.py``: ``TestLoraInitialization`` (the linear-layer
 and option tests) and ``TestGraLoRAInitialization``.
 
-peftcompile has one initialisation per method (PEFT's default: LoRA A kaiming-uniform, B zero;
-GraLoRA the same per block, bit-for-bit PEFT's draw). PEFT's other ``init_lora_weights`` choices
-are not offered in code (README "Coming from PEFT": not there yet); a PEFT checkpoint trained from
-gaussian / False / orthogonal inits is just weights and loads with PEFT's outputs, while inits that
-change the base weights (PiSSA, OLoRA, ...) are refused by name.
+LoRA offers PEFT's ``init_lora_weights`` choices that do not read the base weight (True: A
+kaiming-uniform, B zero; "gaussian"; "orthogonal"; False), checked with PEFT's statistical tests;
+GraLoRA has PEFT's default, bit-for-bit PEFT's draw. A PEFT checkpoint trained from any of them is
+just weights and loads with PEFT's outputs, while inits that change the base weights (PiSSA,
+OLoRA, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 
 import pytest
 import torch
-from peft import GraloraConfig, LoraConfig, get_peft_model
+from peft import GraloraConfig, LoraConfig, PeftModel, get_peft_model
 from scipy import stats
 from torch import nn
 
@@ -91,27 +91,110 @@ def test_gralora_init_default_is_peft_draw():
     assert (ours.gralora_B == 0).all() and (ours.gralora_B_hybrid == 0).all()
 
 
+def _normal(mean: float, std: float) -> torch.Tensor:
+    return torch.distributions.normal.Normal(mean, std).sample((10000,))
+
+
+def _uniform(lo: float, hi: float) -> torch.Tensor:
+    return torch.distributions.uniform.Uniform(lo, hi).sample((10000,))
+
+
+def _ks(a: torch.Tensor, sample: torch.Tensor) -> float:
+    return stats.kstest(a.detach().flatten().numpy(), sample.flatten().numpy()).pvalue
+
+
+def test_lora_linear_init_gaussian():
+    torch.manual_seed(0)
+    model = pc.adapt(get_model(), pc.AdapterSpec(pc.LoRA(init_lora_weights="gaussian"), targets=["linear"]))
+    weight_A, weight_B = weights(model)
+    # against the exact N(0, 1/r) (PEFT's p > 0.5 against a sample holds for one seed in two; this
+    # draw gives p = 0.005, a wrong std such as 1/r^2 or 1 gives p < 1e-300), and the std itself
+    assert stats.kstest(weight_A.detach().flatten().numpy(), stats.norm(0, 1 / 8).cdf).pvalue > 1e-3
+    assert abs(weight_A.std().item() - 1 / 8) < 0.005
+    assert _ks(weight_A, _uniform(weight_A.min().item(), weight_A.max().item())) < 0.05
+    assert (weight_B == 0.0).all()
+
+
+def test_lora_linear_false():
+    torch.manual_seed(0)
+    model = pc.adapt(get_model(), pc.AdapterSpec(pc.LoRA(init_lora_weights=False), targets=["linear"]))
+    _, weight_B = weights(model)
+    assert not torch.allclose(weight_B, torch.zeros_like(weight_B))
+
+
+def test_lora_init_orthogonal():
+    torch.manual_seed(0)
+    model = pc.adapt(get_model(), pc.AdapterSpec(pc.LoRA(init_lora_weights="orthogonal"), targets=["linear"]))
+    weight_A, weight_B = weights(model)
+    assert not torch.allclose(weight_A, torch.zeros_like(weight_A))
+    assert not torch.allclose(weight_B, torch.zeros_like(weight_B))
+    assert (weight_B @ weight_A).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lora_init_orthogonal_half_precision_dtype(dtype):
+    torch.manual_seed(0)
+    model = pc.adapt(get_model().to(dtype), pc.AdapterSpec(pc.LoRA(init_lora_weights="orthogonal"),
+                                                           targets=["linear"]), autocast_adapter_dtype=False)
+    weight_A, weight_B = weights(model)
+    assert weight_A.dtype == weight_B.dtype == dtype
+
+
+def test_lora_init_orthogonal_odd_rank_raises():
+    with pytest.raises(pc.AdapterError, match="needs an even r.*got r=7"):
+        pc.LoRA(r=7, init_lora_weights="orthogonal")
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(1000, 1000)
+
+    def forward(self, x):
+        return self.embed(x)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_lora_embedding_default_and_gaussian(init):
+    # embedding is initialized as a normal distribution, not kaiming uniform; gaussian changes nothing
+    torch.manual_seed(0)
+    model = pc.adapt(WithEmbedding(), pc.AdapterSpec(pc.LoRA(init_lora_weights=init), targets=["embed"]))
+    a = model.embed.peftcompile["default"]
+    assert stats.kstest(a.lora_B.detach().flatten().numpy(), stats.norm(0, 1).cdf).pvalue > 0.01
+    assert _ks(a.lora_B, _uniform(a.lora_B.min().item(), a.lora_B.max().item())) < 0.05
+    assert (a.lora_A == 0.0).all()
+
+
+def test_lora_embedding_false():
+    torch.manual_seed(0)
+    model = pc.adapt(WithEmbedding(), pc.AdapterSpec(pc.LoRA(init_lora_weights=False), targets=["embed"]))
+    a = model.embed.peftcompile["default"]
+    assert not torch.allclose(a.lora_A, torch.zeros_like(a.lora_A))
+
+
 @pytest.mark.parametrize("init", ["gaussian", False, "orthogonal"])
-def test_lora_linear_init_variants_load_from_peft(init, tmp_path):
-    # test_lora_linear_init_gaussian / test_lora_linear_false / test_lora_init_orthogonal: these inits
-    # are not offered in code (pc.LoRA has no init option) ...
-    with pytest.raises(TypeError, match="init_lora_weights"):
-        pc.LoRA(r=8, init_lora_weights=init)
-    # ... but a PEFT adapter that started from them is plain LoRA weights: it loads, outputs equal PEFT's
+def test_lora_linear_init_variants_load_from_peft_and_save_for_it(init, tmp_path):
+    # an adapter that started from another init is plain LoRA weights: PEFT's loads with PEFT's
+    # outputs (into an adapter created with our default init too), and ours records its init for PEFT
     torch.manual_seed(0)
     base = get_model(size=64)
     x = torch.rand(10, 64)
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["linear"], init_lora_weights=init))
-    weight_A = peft_model.base_model.model.linear.lora_A["default"].weight
-    weight_B = peft_model.base_model.model.linear.lora_B["default"].weight
-    if init is False:
-        assert not torch.allclose(weight_B, torch.zeros_like(weight_B))
-    elif init == "orthogonal":
-        assert (weight_B @ weight_A).abs().max() < 1e-6
-    peft_model.save_pretrained(tmp_path)
-    model = pc.load_peft_adapter(copy.deepcopy(base), tmp_path)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = pc.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert model.linear.peftcompile["default"].cfg.init_lora_weights == init
     with torch.no_grad():
         torch.testing.assert_close(model(x), peft_model(x), rtol=1e-5, atol=1e-5)
+    into_default = pc.adapt(copy.deepcopy(base), pc.AdapterSpec(pc.LoRA(r=8, alpha=8), targets=["linear"]))
+    pc.load_peft_adapter(into_default, tmp_path / "peft", name="default")
+    with torch.no_grad():
+        torch.testing.assert_close(into_default(x), peft_model(x), rtol=1e-5, atol=1e-5)
+    ours = pc.adapt(copy.deepcopy(base), pc.AdapterSpec(pc.LoRA(init_lora_weights=init), targets=["linear"]))
+    pc.save_adapters(ours, tmp_path / "ours", format="peft")
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert back.peft_config["default"].init_lora_weights == init
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours(x), rtol=1e-5, atol=1e-5)
 
 
 def test_lora_scaling_default():

@@ -8,7 +8,7 @@ import torch
 
 from ...errors import AdapterError
 from ..registry import ANY, Lowering, Method, PeftFormat, register_method, shapes_check
-from .math import LoRA, lora_as_lora, lora_delta, lora_delta_bias, lora_delta_weight, lora_embed, lora_embed_init, lora_init, lora_shapes
+from .math import INITS, LoRA, lora_as_lora, lora_delta, lora_delta_bias, lora_delta_weight, lora_embed, lora_embed_init, lora_init, lora_shapes
 
 __all__ = ["LoRA", "lora_delta", "lora_delta_weight"]
 
@@ -37,12 +37,15 @@ def _plus_bias(emit, y, pcs):
 
 def _from_peft(c: dict) -> LoRA:
     return LoRA(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)),
-                use_rslora=bool(c.get("use_rslora", False)), lora_bias=bool(c.get("lora_bias", False)))
+                use_rslora=bool(c.get("use_rslora", False)), lora_bias=bool(c.get("lora_bias", False)),
+                # the init only chose the starting point; one we do not offer (eva) reads as the default
+                init_lora_weights=next((v for v in INITS if c.get("init_lora_weights", True) is v
+                                        or c.get("init_lora_weights") == v and isinstance(v, str)), True))
 
 
 def _to_peft(cfg: LoRA) -> dict:
     return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
-            "lora_bias": cfg.lora_bias}
+            "lora_bias": cfg.lora_bias, "init_lora_weights": cfg.init_lora_weights}
 
 
 # PEFT 0.21 LoraConfig fields: ANY = does not change the loaded math; a tuple = the values we

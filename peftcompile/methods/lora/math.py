@@ -19,19 +19,36 @@ __all__ = ["LoRA", "lora_delta", "lora_delta_weight", "lora_shapes", "lora_init"
 @dataclass(frozen=True)
 class LoRA(MethodConfig):
     """Low-rank adapter: A [r, in] (kaiming), B [out, r] (zeros), scaling alpha / r, or
-    alpha / sqrt(r) with ``use_rslora`` (Kalajdzievski 2023; PEFT's ``use_rslora``)."""
+    alpha / sqrt(r) with ``use_rslora`` (Kalajdzievski 2023; PEFT's ``use_rslora``).
+
+    ``init_lora_weights`` is PEFT's option of that name, for the inits that do not read the
+    base weight: True (the above), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``"orthogonal"``
+    (A, B from one random orthogonal matrix's odd / even rows, so B A = 0; even r), False
+    (B random too: the adapter starts as a non-zero change, for tests). Embedding sites: True,
+    "gaussian" and "orthogonal" give PEFT's A = 0, B ~ N(0, 1); False both ~ N(0, 1)."""
 
     r: int = field(default=8, metadata={"help": "rank"})
     alpha: float = field(default=16.0, metadata={"help": "scaling numerator"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
     use_rslora: bool = field(default=False, metadata={"help": "scaling alpha / sqrt(r) instead of alpha / r"})
     lora_bias: bool = field(default=False, metadata={"help": "B gets a bias (PEFT's lora_bias): delta += s * b_B"})
+    # compare=False: how an adapter started does not change its math (a checkpoint loads into an
+    # adapter created with another init)
+    init_lora_weights: bool | str = field(default=True, compare=False, metadata={
+        "help": "PEFT's init: True, False, 'gaussian' or 'orthogonal'"})
 
     def __post_init__(self) -> None:
         super().__post_init__()  # r, alpha, dropout
         for f in ("use_rslora", "lora_bias"):
             if not isinstance(getattr(self, f), bool):
                 raise AdapterTypeError(f"LoRA: {f} must be True or False, got {getattr(self, f)!r}")
+        init = self.init_lora_weights
+        if not any(init is v or (isinstance(init, str) and init == v) for v in INITS):
+            raise AdapterError(f"LoRA: init_lora_weights={init!r} is not one of {list(INITS)}; PEFT's inits that "
+                               f"read or change the base weight (pissa, olora, loftq, eva, corda, ...) are not offered")
+        if init == "orthogonal" and self.r % 2:
+            raise AdapterError(f"LoRA: init_lora_weights='orthogonal' needs an even r (A and B take half the rows "
+                               f"of one orthogonal matrix each), got r={self.r}")
 
     @property
     def scaling(self) -> float:
@@ -45,11 +62,33 @@ def lora_shapes(cfg: LoRA, in_f: int, out_f: int, n: int = 1) -> dict[str, tuple
     return shapes
 
 
+#: LoRA.init_lora_weights values (PEFT's, those that do not read the base weight)
+INITS = (True, False, "gaussian", "orthogonal")
+
+
 def lora_init(cfg: LoRA, p: Params, n: int = 1) -> None:
-    kaiming_(p["lora_A"])
-    torch.nn.init.zeros_(p["lora_B"])
+    """PEFT's init for ``cfg.init_lora_weights`` (``LoraLayer.reset_lora_parameters`` /
+    ``orthogonal_init``; False: nn.Linear's own init of both factors, as PEFT leaves them)."""
+    A, B, init = p["lora_A"], p["lora_B"], cfg.init_lora_weights
+    if init == "orthogonal":
+        r, (in_f, out_f) = cfg.r, (A.shape[-1], B.shape[0])
+        q, _ = torch.linalg.qr(torch.randn(r, r))
+        A.copy_((torch.randn(in_f, r // 2) @ q[0::2, :]).T / 10.0)
+        B.copy_(torch.randn(r // 2, out_f).T @ q[1::2, :] / 10.0)
+    else:
+        if init == "gaussian":
+            torch.nn.init.normal_(A, std=1 / cfg.r)
+        else:
+            kaiming_(A)
+        if init is False:
+            kaiming_(B)
+        else:
+            torch.nn.init.zeros_(B)
     if "lora_B_bias" in p:
-        torch.nn.init.zeros_(p["lora_B_bias"])
+        if init is False:  # nn.Linear's bias init, fan_in = r
+            torch.nn.init.uniform_(p["lora_B_bias"], -1 / math.sqrt(cfg.r), 1 / math.sqrt(cfg.r))
+        else:
+            torch.nn.init.zeros_(p["lora_B_bias"])
 
 
 def lora_delta(x: torch.Tensor, p: Params, cfg: LoRA) -> torch.Tensor:
@@ -81,7 +120,10 @@ def lora_embed_init(cfg: LoRA, p: Params) -> None:
     if "lora_B_bias" in p:
         raise AdapterError("LoRA(lora_bias=True) has no nn.Embedding form (PEFT refuses it too). Fix: remove the "
                            "embedding from targets, or use lora_bias=False")
-    torch.nn.init.zeros_(p["lora_A"])
+    if cfg.init_lora_weights is False:  # PEFT leaves its randn draws
+        torch.nn.init.normal_(p["lora_A"])
+    else:
+        torch.nn.init.zeros_(p["lora_A"])
     torch.nn.init.normal_(p["lora_B"])
 
 
