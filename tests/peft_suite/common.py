@@ -270,7 +270,9 @@ def transplant(peft_model, ours: nn.Module, name: str = "default") -> None:
                 if k.endswith("." + suffix):
                     k = f"{k[: -len(suffix) - 1]}.peftcompile.{name}.{param}"
                     break
-            live[k].copy_(t)  # a site's adapter tensor, or a modules_to_save weight
+            # a site's adapter tensor (PEFT's conv layout [r, C_in, *k] / [out, r, 1, ...] at nn.ConvNd
+            # sites, ours flattened: the same values), or a modules_to_save weight
+            live[k].copy_(t.reshape(live[k].shape) if t.numel() == live[k].numel() else t)
             done.add(k)
     ours_adapter = {k for k in live if f".peftcompile.{name}." in k}
     assert ours_adapter <= done, f"not transplanted: {sorted(ours_adapter - done)}"

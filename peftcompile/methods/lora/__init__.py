@@ -7,7 +7,8 @@ import operator
 import torch
 
 from ..registry import ANY, Lowering, Method, PeftFormat, register_method, shapes_check
-from .math import LoRA, lora_as_lora, lora_delta, lora_delta_weight, lora_embed, lora_embed_init, lora_init, lora_shapes
+from .math import (LoRA, lora_as_lora, lora_conv, lora_conv_shape, lora_delta, lora_delta_weight, lora_embed,
+                   lora_embed_init, lora_init, lora_shapes)
 
 __all__ = ["LoRA", "lora_delta", "lora_delta_weight"]
 
@@ -74,7 +75,8 @@ register_method(
         rank_axes={"lora_A": (0,), "lora_B": (1,)},
         peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, _from_peft, _to_peft,
                         _PEFT_OPTIONS, _default_targets,
-                        embedding_keys={"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}),
+                        embedding_keys={"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"},
+                        conv_shape=lora_conv_shape),
         as_lora=lora_as_lora,
         factors=lambda p, cfg: (p["lora_A"], p["lora_B"], cfg.scaling),
         # alpha = r: scaling 1, so the factors are stored as given
@@ -82,5 +84,6 @@ register_method(
         scale_params=("lora_B",),
         embed=lora_embed,
         embed_init=lora_embed_init,
+        conv=lora_conv,
     )
 )
