@@ -204,6 +204,44 @@ def test_fp16_base_keeps_fp32_adapters_and_merges():
         pc.unmerge(m)
 
 
+def test_hf_whisper_conv_sites_keep_their_class_and_match_peft_per_layer():
+    """HF modules are captured per site: Whisper's encoder convs are adapted in place and keep their
+    class, so Whisper's own ``self.conv1.stride[0]`` still works (PEFT 0.21.2's wrapper has no
+    ``stride``: PeftModel(whisper) raises AttributeError). Each conv's output equals PEFT's lora.Conv1d
+    on the same layer; merge and unmerge are exact on the whole model."""
+    from transformers import WhisperConfig, WhisperModel
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
+                        max_source_positions=10, max_target_positions=10, vocab_size=60, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    base = WhisperModel(cfg).eval()
+    m = pc.adapt(copy.deepcopy(base), pc.AdapterSpec(pc.LoRA(r=4, alpha=8), ["conv1", "conv2", "q_proj"]))
+    kinds = {c.site: c.kind for _, _, c in site_adapters(m)}
+    assert kinds["encoder.conv1"] == kinds["encoder.conv2"] == "conv" and type(m.encoder.conv1) is nn.Conv1d
+    randomize_adapters_(m)
+    m.eval()
+    feats, dec = torch.randn(2, 8, 20), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.no_grad():
+        y = m(feats, decoder_input_ids=dec).last_hidden_state
+        assert (y - base(feats, decoder_input_ids=dec).last_hidden_state).abs().max() > 1e-2
+        for site, x in (("conv1", feats), ("conv2", torch.randn(2, 16, 20))):
+            conv = m.encoder.get_submodule(site)
+            one = nn.Sequential()
+            one.add_module(site, copy.deepcopy(base.encoder.get_submodule(site)))
+            pm = get_peft_model(one, LoraConfig(r=4, lora_alpha=8, target_modules=[site])).eval()
+            layer = pm.base_model.model.get_submodule(site)
+            a = conv.peftcompile["default"]
+            layer.lora_A["default"].weight.copy_(a.lora_A.reshape(layer.lora_A["default"].weight.shape))
+            layer.lora_B["default"].weight.copy_(a.lora_B.reshape(layer.lora_B["default"].weight.shape))
+            torch.testing.assert_close(conv(x), pm(x), rtol=TOL, atol=TOL)
+        pc.merge(m)
+        torch.testing.assert_close(m(feats, decoder_input_ids=dec).last_hidden_state, y, rtol=TOL, atol=TOL)
+        pc.unmerge(m)
+        torch.testing.assert_close(m(feats, decoder_input_ids=dec).last_hidden_state, y, rtol=TOL, atol=TOL)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_checkpoints_ours_and_peft_both_ways(dims, tmp_path):
@@ -451,6 +489,8 @@ REFUSED = [
      r"Conv3d site 'conv': padding_mode='reflect'"),
     ("subclass", lambda: nn.Sequential(StdConv2d(3, 4, 3), nn.Conv2d(4, 4, 1)), lambda: pc.LoRA(r=2), ["0", "1"],
      r"target '0' names \['StdConv2d'\]"),
+    ("transposed", lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.Conv2d(4, 4, 1)), lambda: pc.LoRA(r=2),
+     ["0", "1"], r"target '0' names \['ConvTranspose2d'\]"),
 ]
 
 
