@@ -24,7 +24,7 @@ from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import Method, method_for, registered_methods
 from .modules import BASE_ROW, SharedTensors, SiteAdapter, SiteAdapterSet
 from .passes.capture import capture, embed_scale, site_kind
-from .passes.match import Site, match
+from .passes.match import EXPLICIT_KINDS, Site, match
 from .passes.rewrite import restore_unit_, rewrite_unit_
 from .spec import (ALL_LINEAR, AdapterSpec, Placement, default_targets, layer_index, matches, pattern_matches, select_modules,
                    select_sites)
@@ -79,7 +79,9 @@ def _error_no_sites(spec: AdapterSpec, available: Sequence[str], failures: dict[
         plain = {k or "<root>": v for k, v in failures.items() if not v.startswith("HF modules")}
         if plain:
             msg += f". Modules that could not be traced whole (their direct F.linear calls are not visible): {plain}"
-    return AdapterError(msg + ". Fix: pass target names from that list (suffixes, a regex or 'all-linear').")
+    return AdapterError(msg + ". Fix: pass target names from that list (suffixes, a regex or 'all-linear'; "
+                              "nn.Embedding and nn.Conv1d/2d/3d sites are listed, and adapted, for explicit targets "
+                              "only).")
 
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
@@ -147,8 +149,8 @@ def _unreachable_sites(model: nn.Module, sites: Sequence[Site]) -> dict[str, str
 
 
 def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str], chosen: list[str]) -> None:
-    """Each listed target must reach a linear site: a name that only reaches other modules
-    (Conv2d, Embedding, LayerNorm) is an error, one that reaches nothing a warning."""
+    """Each listed target must reach a site: a name that only reaches other modules (LayerNorm,
+    MultiheadAttention, a Conv2d subclass) is an error, one that reaches nothing a warning."""
     if isinstance(spec.targets, str):
         return
     modules = [n for n, _ in model.named_modules() if n]
@@ -160,8 +162,9 @@ def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str],
             kinds = sorted({type(model.get_submodule(n)).__name__ for n in others})
             raise AdapterError(
                 f"target {pat!r} names {kinds} module(s) {others[:4]}, which peftcompile cannot adapt (it adapts "
-                f"nn.Linear, F.linear on a parameter, HF Conv1D, and nn.Embedding with LoRA). Fix: remove {pat!r} "
-                f"from targets, or target the linear layers inside it"
+                f"nn.Linear, F.linear on a parameter, HF Conv1D, and nn.Embedding / nn.Conv1d / nn.Conv2d / "
+                f"nn.Conv3d with LoRA; subclasses of those are not adapted). Fix: remove {pat!r} from targets, or "
+                f"target the linear layers inside it"
             )
         warnings.warn(f"target {pat!r} matched no site of {type(model).__name__}; check the spelling",
                       AdapterWarning, stacklevel=4)
@@ -237,8 +240,8 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
 
     # capture + match
     cap = capture(model)
-    # nn.Embedding sites only for explicit targets (PEFT's "all-linear" leaves embeddings out)
-    all_sites = match(cap, embeddings=spec.targets != ALL_LINEAR)
+    # nn.Embedding and nn.ConvNd sites only for explicit targets (PEFT's "all-linear" leaves them out)
+    all_sites = match(cap, explicit=spec.targets != ALL_LINEAR)
     by_name: dict[str, list[Site]] = defaultdict(list)
     for s in all_sites:
         by_name[s.name].append(s)
@@ -272,12 +275,12 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
 
     # validate every chosen site
     first = {n: by_name[n][0] for n in chosen}
-    _check_embedding_sites(model, method, [s for s in first.values() if s.kind == "embedding"])
+    check_explicit_sites(model, method, list(first.values()))
     _check_patterns_used(spec, chosen)
     cfg_of = {n: spec.config_for(n) for n in chosen}
     problems = []
     for n, s in first.items():
-        why = None if s.kind == "embedding" else method.check_site(cfg_of[n], s.in_features, s.out_features)
+        why = None if s.kind in EXPLICIT_KINDS else method.check_site(cfg_of[n], s.in_features, s.out_features)
         if why:
             problems.append(f"{n}: {why}")
     groups: dict[str, list[Site]] = {}
@@ -335,9 +338,11 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     for n, s in first.items():
         w = s.weight(model)
         sh, nm = group_of.get(n, (None, 1))
+        host = model.get_submodule(s.host_path)
         new[n] = SiteAdapter(cfg_of[n], n, name, s.in_features, s.out_features,
                              adapter_dtype(w.dtype, autocast_adapter_dtype), w.device, sh, nm,
-                             embedding_options(model.get_submodule(s.host_path)) if s.kind == "embedding" else None)
+                             embedding_options(host) if s.kind == "embedding" else None,
+                             conv_options(host) if s.kind == "conv" else None)
     no_bias = [n for n, s in first.items() if new[n].delta_bias() is not None
                and _site_bias(model.get_submodule(s.host_path), s) is None]
     if no_bias:  # PEFT warns here too: the adapter runs, but merge() will refuse those sites
@@ -353,6 +358,50 @@ def embedding_options(emb: nn.Embedding) -> dict:
     PEFT's), and ``scale``: the subclass's ``embed_scale`` that multiplies its output (None if none)."""
     return {"padding_idx": emb.padding_idx, "scale_grad_by_freq": emb.scale_grad_by_freq, "sparse": emb.sparse,
             "scale": embed_scale(emb)}
+
+
+def conv_options(conv: nn.Module) -> dict:
+    """What an ``nn.Conv1d/2d/3d`` site's adapter convolves with: PEFT's lora_A takes the base's
+    kernel_size, stride and padding (the rest is checked to be the default by check_explicit_sites)."""
+    return {"kernel_size": tuple(conv.kernel_size), "stride": tuple(conv.stride),
+            "padding": conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)}
+
+
+def check_explicit_sites(model: nn.Module, method: Method, sites: Sequence[Site]) -> None:
+    """The checks of the sites only explicit targets reach (nn.Embedding, nn.Conv1d/2d/3d), before
+    any change: AdapterError naming the sites and the fix."""
+    _check_embedding_sites(model, method, [s for s in sites if s.kind == "embedding"])
+    _check_conv_sites(model, method, [s for s in sites if s.kind == "conv"])
+
+
+def _check_conv_sites(model: nn.Module, method: Method, sites: Sequence[Site]) -> None:
+    """Conv targets need a method with a ``conv`` hook, and a conv whose delta PEFT's form (a first
+    conv with the base's kernel_size, stride and padding only, then a 1x1 conv) gives exactly: PEFT's
+    first conv has no dilation and pads with zeros (a dilated or reflect-padded base would get an
+    adapter whose merge differs from its forward, or a shape error), and grouped convs cannot merge."""
+    if not sites:
+        return
+    names = [s.name for s in sites]
+    if method.conv is None:
+        have = sorted(n for n, m in registered_methods().items() if m.conv is not None)
+        raise AdapterError(f"{method.name}: cannot adapt nn.Conv1d/2d/3d site(s) {names[:4]} (the method has no conv "
+                           f"form: its delta is defined on linear layers only, as in its reference implementation; "
+                           f"methods that have one: {have}). Fix: remove them from targets, or adapt them with one of "
+                           f"{have} in a second adapter")
+    for s in sites:
+        conv = model.get_submodule(s.host_path)
+        bad = []
+        if conv.groups != 1:
+            bad.append(f"groups={conv.groups} (PEFT cannot merge a grouped conv's adapter)")
+        if any(d != 1 for d in conv.dilation):
+            bad.append(f"dilation={tuple(conv.dilation)} (PEFT's conv adapter ignores dilation: its delta is not "
+                       f"a delta of this conv's weight)")
+        if conv.padding_mode != "zeros":
+            bad.append(f"padding_mode={conv.padding_mode!r} (PEFT's conv adapter pads with zeros, so its merge "
+                       f"would differ from its forward)")
+        if bad:
+            raise AdapterError(f"cannot adapt {type(conv).__name__} site {s.name!r}: {'; '.join(bad)}. Fix: remove "
+                               f"{s.name!r} from targets (exclude=[{s.name!r}])")
 
 
 def _check_embedding_sites(model: nn.Module, method: Method, sites: Sequence[Site]) -> None:
@@ -534,9 +583,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             _merge_sites(model, {id(c): m for c, _, m in previous})
 
 
-def _delta_for(cont: SiteAdapterSet, name: str) -> torch.Tensor:
+def _delta_for(cont: SiteAdapterSet, name: str, shape: torch.Size) -> torch.Tensor:
+    """Adapter ``name``'s delta in the layout of the site's weight (of ``shape``): transposed for
+    HF Conv1D and nn.Embedding, [out, C_in, *kernel] for a conv (its delta_weight is flattened)."""
     d = cont[name].delta_weight().to(torch.float32)
-    return (d.t() if cont.transposed else d)
+    return (d.t() if cont.transposed else d).reshape(shape)
 
 
 def _check_mergeable(model: nn.Module) -> None:
@@ -564,7 +615,7 @@ def _to_merge(cont: SiteAdapterSet, wanted: dict[int, tuple[str, ...]] | None) -
 def _merged_weight(w: torch.Tensor, cont: SiteAdapterSet, names: Sequence[str]) -> torch.Tensor:
     """W with ``names`` folded in, rounded to W's dtype after each adapter (as unmerge undoes it)."""
     for n in names:
-        w = (w.to(torch.float32) + _delta_for(cont, n)).to(w.dtype)
+        w = (w.to(torch.float32) + _delta_for(cont, n, w.shape)).to(w.dtype)
     return w
 
 
@@ -635,7 +686,7 @@ def unmerge(model: nn.Module) -> None:
     for host, _, cont in site_adapters(model):
         w, b = getattr(host, cont.weight_attr), _site_bias(host, cont)
         for n in reversed(cont.merged):
-            w.copy_((w.to(torch.float32) - _delta_for(cont, n)).to(w.dtype))
+            w.copy_((w.to(torch.float32) - _delta_for(cont, n, w.shape)).to(w.dtype))
             if b is not None:
                 b.copy_(_merged_bias(b, cont, [n], -1))
         cont.merged = ()
@@ -758,7 +809,7 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             key = f"{path_of[id(host)]}.{cont.weight_attr}".lstrip(".")
             w = out[key].to(torch.float32)
             for n in reversed(cont.merged):
-                w = w - _delta_for(cont, n)
+                w = w - _delta_for(cont, n, w.shape)
             out[key] = w.to(out[key].dtype)
     return out
 

@@ -24,13 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
-from .api import apply_plan_, check_adapter_name, plan_adapt, set_active
+from .api import apply_plan_, check_adapter_name, check_explicit_sites, plan_adapt, set_active
 from .distributed import copy_into_, require_unsharded, unwrap, unwrapped, write_checkpoint
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import method_for, registered_methods
 from .methods.registry import ANY
-from .passes.capture import capture
-from .passes.match import match
+from .passes.capture import capture, is_conv_site
+from .passes.match import EXPLICIT_KINDS, match
 from .spec import AdapterSpec, exact_targets, select_modules
 from .copies import checkpoint_params
 from .state import (merged_sites, split_trainable_key, trainable_key, require_state, shared_key, shared_of, site_adapters, site_key, state_of,
@@ -125,12 +125,17 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
     ours_to_peft = {ours: suffix for suffix, ours in fmt.keys.items()}
     embedding_to_peft = {ours: suffix for suffix, ours in fmt.embedding_keys.items()}
     embedding_sites = {c.site for _, _, c in site_adapters(model) if c.kind == "embedding"}
+    # PEFT stores a conv site's factors as conv weights (LoRA: A [r, C_in, *k], B [out, r, 1, ...])
+    kernels = {c.site: tuple(host.kernel_size) for host, _, c in site_adapters(model) if c.kind == "conv"}
     out = {}
     for site in sites:
         for param, suffix in (embedding_to_peft if site in embedding_sites else ours_to_peft).items():
             key = site_key(site, param)
             if key in tensors:
-                out[f"base_model.model.{site}.{suffix}"] = tensors.pop(key)
+                t = tensors.pop(key)
+                if site in kernels and fmt.conv_shape is not None:
+                    t = t.reshape(fmt.conv_shape(param, tuple(t.shape), kernels[site]))
+                out[f"base_model.model.{site}.{suffix}"] = t
     # trainable modules: PEFT's modules_to_save, stored under the module's own name; biases of
     # the bias= option under their parameter's name (PEFT's base_layer.bias where PEFT wraps a site)
     modules = set()
@@ -262,7 +267,7 @@ def _read_json(file: Path) -> dict:
 
 def _expected(model: nn.Module, spec: AdapterSpec, sites: list[str]) -> tuple[dict[str, tuple], dict[str, list[str]]]:
     """Tensor key -> shape the model needs for ``spec`` at ``sites``; and the groups."""
-    by_name = {s.name: s for s in match(capture(model), embeddings=True)}
+    by_name = {s.name: s for s in match(capture(model), explicit=True)}
     missing = [s for s in sites if s not in by_name]
     if missing:
         raise AdapterError(
@@ -270,6 +275,7 @@ def _expected(model: nn.Module, spec: AdapterSpec, sites: list[str]) -> tuple[di
             f"{' ...' if len(missing) > 8 else ''}; it was saved from another model"
         )
     m = method_for(spec.method)
+    check_explicit_sites(model, m, [by_name[s] for s in sites])  # e.g. GraLoRA on a conv, a grouped conv
     groups: dict[str, list[str]] = defaultdict(list)
     if m.shares:
         for s in sites:
@@ -279,7 +285,7 @@ def _expected(model: nn.Module, spec: AdapterSpec, sites: list[str]) -> tuple[di
     for s in sites:
         site = by_name[s]
         cfg = spec.config_for(s)
-        why = None if site.kind == "embedding" else m.check_site(cfg, site.in_features, site.out_features)
+        why = None if site.kind in EXPLICIT_KINDS else m.check_site(cfg, site.in_features, site.out_features)
         if why:
             raise AdapterError(f"{s}: {why}")
         for p, shp in m.shapes(cfg, site.in_features, site.out_features, n_of.get(s, 1)).items():
@@ -503,6 +509,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
         raise AdapterError(f"{peft_dir / CONFIG_NAME}: modules_to_save must be a list of module names, got {to_save!r}")
     saved = set(select_modules((n for n, _ in model.named_modules()), tuple(to_save))) if to_save else set()
     tensors, sites = {}, []
+    site_params: list[tuple[str, str]] = []  # (site, our param) of each adapter tensor read
     base_copies: dict[str, torch.Tensor] = {}
     bias = c.get("bias", "none")
     for key, t in raw.items():
@@ -515,6 +522,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
             if k.endswith("." + suf):
                 site = k[: -len(suf) - 1]
                 tensors[site_key(site, ours)] = t
+                site_params.append((site, ours))
                 if site not in sites:
                     sites.append(site)
                 break
@@ -537,5 +545,27 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
                            trainable=tuple(sorted(saved)) if saved else None, bias=bias)
     except AdapterError as e:
         raise AdapterError(f"{peft_dir / CONFIG_NAME}: {e}") from None
-    return _install(model, name, spec, sites, tensors, str(peft_dir), is_trainable, activate,
+    expected = _expected(model, spec, sites)  # captures the model: once per load
+    _from_peft_conv_layout_(model, fmt, tensors, site_params, expected[0], peft_dir)
+    return _install(model, name, spec, sites, tensors, str(peft_dir), is_trainable, activate, expected,
                     autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def _from_peft_conv_layout_(model: nn.Module, fmt, tensors: dict[str, torch.Tensor],
+                            site_params: Sequence[tuple[str, str]], shapes: Mapping[str, tuple], source: Path) -> None:
+    """Reshape (in place in ``tensors``) the factors PEFT stores as conv weights at nn.Conv1d/2d/3d
+    sites into our linear-site shapes; a tensor of another shape is an error naming both layouts."""
+    modules = dict(model.named_modules())
+    for site, param in site_params:
+        conv = modules.get(site)
+        key = site_key(site, param)
+        if conv is None or not is_conv_site(conv) or key not in shapes or fmt.conv_shape is None:
+            continue
+        want = shapes[key]
+        peft_shape = tuple(fmt.conv_shape(param, want, tuple(conv.kernel_size)))
+        t = tensors[key]
+        if tuple(t.shape) != peft_shape:
+            raise AdapterError(f"{source}: tensor for {key!r} has shape {tuple(t.shape)}, but the "
+                               f"{type(conv).__name__} {site!r} of this model needs {peft_shape} in PEFT's layout; "
+                               f"load it into the model it was trained on")
+        tensors[key] = t.reshape(want)

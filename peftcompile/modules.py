@@ -1,7 +1,7 @@
 """Run-time adapter modules: what the rewritten graphs call.
 
-A site's host module (the nn.Linear / Conv1D itself, or the module owning an
-``F.linear`` weight) gets one :class:`SiteAdapterSet` child. It holds one
+A site's host module (the nn.Linear / Conv1D / nn.Embedding / nn.ConvNd itself, or the
+module owning an ``F.linear`` weight) gets one :class:`SiteAdapterSet` child. It holds one
 :class:`SiteAdapter` per named adapter and the switches read at run time (active,
 merged, disabled), so switching adapters never retraces the fx graph, and under
 torch.compile does not recompile either (see :class:`SiteAdapterSet`).
@@ -65,15 +65,19 @@ class SiteAdapter(nn.Module):
 
     def __init__(self, cfg: MethodConfig, site: str, adapter: str, in_f: int, out_f: int,
                  dtype: torch.dtype, device: torch.device, shared: SharedTensors | None = None,
-                 n_members: int = 1, embedding: dict | None = None) -> None:
+                 n_members: int = 1, embedding: dict | None = None, conv: dict | None = None) -> None:
         super().__init__()
         m = method_for(cfg)
         if embedding is not None and m.embed is None:
             raise AdapterError(f"{site}: method {cfg.name!r} cannot adapt an nn.Embedding")
+        if conv is not None and m.conv is None:
+            raise AdapterError(f"{site}: method {cfg.name!r} cannot adapt an nn.Conv1d/2d/3d")
         #: the site's F.embedding options when it is an nn.Embedding (the delta then takes ids), and
         #: the scale its (subclass's) forward multiplies the lookup by (PEFT scales the delta by it too)
         self.embedding = None if embedding is None else {k: v for k, v in embedding.items() if k != "scale"}
         self.embed_scale = None if embedding is None else embedding.get("scale")
+        #: the site's kernel_size / stride / padding when it is an nn.Conv1d/2d/3d (x: [N, C, *spatial])
+        self.conv = None if conv is None else dict(conv)
         self._cfg_key, cfg = _interned(cfg)
         self.cfg, self.site, self.adapter = cfg, site, adapter
         self.in_features, self.out_features, self.n_members = in_f, out_f, n_members
@@ -93,10 +97,14 @@ class SiteAdapter(nn.Module):
         # No adapter name in the tag: a compiled graph guards on what it reads, and the tag
         # of adapter "b" must read the same as the tag of an equal adapter "a".
         self._tag = {"site": site, "method": cfg.name, "config": self._cfg_key}
-        if embedding is not None:  # the backend leaves embedding regions as reference math (skipped_<method>)
+        # the backend leaves embedding and conv regions as reference math (skipped_<method>)
+        if embedding is not None:
             self._tag["embedding"] = True
+        if conv is not None:
+            self._tag["conv"] = True
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("conv", None)  # pickled before conv sites existed
         super().__setstate__(state)
         self.__dict__.setdefault("embed_scale", None)  # pickled before scaled embeddings were sites
         self._cfg_key, self.cfg = _interned(self.cfg)  # unpickled in another process, or deep-copied
@@ -131,10 +139,13 @@ class SiteAdapter(nn.Module):
             xa = self.dropout(x.to(dtype))
             if gate is not None and not scaled:
                 xa = xa * gate
+            if self.conv is not None:  # x: [N, C_in, *spatial]
+                return method.conv(xa, w, cfg, self.conv)
             return method.delta(xa, w, cfg)
 
     def delta_weight(self) -> torch.Tensor:
-        """dW [out, in] such that forward(x) == x @ dW.T + delta_bias() (without dropout)."""
+        """dW [out, in] such that forward(x) == x @ dW.T + delta_bias() (without dropout); at a conv
+        site the conv weight's delta flattened to [out, C_in * prod(kernel_size)]."""
         return method_for(self.cfg).delta_weight(self.tensors(), self.cfg)
 
     def delta_bias(self) -> torch.Tensor | None:

@@ -196,16 +196,21 @@ class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.LayerNorm(4)
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.fc(self.conv(x).mean((2, 3)))
+        return self.fc(self.norm(self.conv(x).mean((2, 3))))
 
 
 def test_target_naming_a_non_linear_module_is_an_error():
     m = ConvNet()
-    with pytest.raises(pc.AdapterError, match=r"target 'conv' names \['Conv2d'\]"):
-        pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["conv", "fc"]))
+    with pytest.raises(pc.AdapterError, match=r"target 'norm' names \['LayerNorm'\]"):
+        pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["norm", "fc"]))
+    assert state_of(m) is None
+    # an nn.Conv2d is a site for LoRA (tests/test_conv.py), but not for GraLoRA: refused by name
+    with pytest.raises(pc.AdapterError, match=r"cannot adapt nn.Conv1d/2d/3d site\(s\) \['conv'\]"):
+        pc.adapt(m, pc.AdapterSpec(pc.GraLoRA(r=2, k=1), targets=["conv", "fc"]))
     assert state_of(m) is None
     with pytest.warns(AdapterWarning, match="'fcc' matched no site"):
         pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["fcc", "fc"]))

@@ -108,6 +108,13 @@ class Method:
         AdapterError if this config has no embedding form.
     delta_bias(params, cfg) -> [out] or None: a delta's constant term (LoRA's ``lora_bias``),
         which merging adds to the base bias; None when the delta is linear in x.
+    conv(x, p, cfg, opts) -> the delta of an ``nn.Conv1d/2d/3d`` site for its input ``x``
+        ([N, C_in, *spatial], already dropped out), with the parameters of a linear site of
+        in = C_in * prod(kernel_size), out = C_out (the conv weight viewed as [out, in]: a linear
+        on the unfolded input patches; ``init`` initialises them). ``opts`` are the base conv's
+        ``kernel_size``, ``stride`` and ``padding`` (dilation 1, groups 1 and zero padding are
+        checked before). Optional: a method without it refuses conv targets. ``delta_weight``
+        gives dW [out, C_in * prod(k)] (W += dW.view(W.shape)).
     """
 
     name: str
@@ -132,6 +139,7 @@ class Method:
     embed: Callable[..., torch.Tensor] | None = None
     embed_init: Callable[..., None] | None = None
     delta_bias: Callable[..., "torch.Tensor | None"] | None = None
+    conv: Callable[..., torch.Tensor] | None = None
 
     @property
     def shares(self) -> bool:
@@ -189,6 +197,10 @@ class PeftFormat:
     default_targets: Callable[[str], "list[str] | None"] | None = None
     #: PEFT key suffix -> our param at ``nn.Embedding`` sites (LoRA: ``lora_embedding_A``/``_B``)
     embedding_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: (our param, its shape, the conv's kernel_size) -> the shape PEFT stores it in at an
+    #: ``nn.Conv1d/2d/3d`` site (ours is the linear-site shape; the values are the same, reshaped).
+    #: None: the shapes are the same.
+    conv_shape: Callable[[str, tuple, tuple], tuple] | None = None
 
 
 #: PeftFormat.options value: any value of that field is honoured (it does not change the math).

@@ -16,6 +16,7 @@ the same module instance.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -23,7 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Unit", "Capture", "capture", "is_site_module", "is_embedding_site", "embed_scale", "site_kind", "Tracer"]
+__all__ = ["Unit", "Capture", "capture", "is_site_module", "is_embedding_site", "embed_scale", "is_conv_site", "site_kind",
+           "Tracer"]
 
 try:  # HF GPT-2 and friends: a linear layer with W stored as [in, out]
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -64,14 +66,29 @@ def embed_scale(m: nn.Module) -> float | None:
     return None
 
 
+#: The convolutions that are sites (exact classes, as for embeddings: a subclass may change its
+#: weight or input in forward, e.g. weight standardisation).
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_conv_site(m: nn.Module) -> bool:
+    """A plain ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: a site of kind "conv" that match()
+    reports only when asked (an explicit target names it; PEFT's "all-linear" leaves convs out)."""
+    return type(m) in CONV_TYPES
+
+
 def is_site_module(m: nn.Module) -> bool:
-    return site_kind(m) is not None or is_embedding_site(m)
+    return site_kind(m) is not None or is_embedding_site(m) or is_conv_site(m)
 
 
 def site_features(m: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a site module (an embedding: (num_embeddings, embedding_dim),
-    its weight [num, dim] being the [in, out] matrix of a linear on one-hot ids)."""
+    its weight [num, dim] being the [in, out] matrix of a linear on one-hot ids; a conv:
+    (in_channels / groups * prod(kernel_size), out_channels), its weight [out, in, *k] flattened to
+    the [out, in * prod(k)] matrix of a linear on the unfolded input patches)."""
     w = m.weight
+    if is_conv_site(m):
+        return math.prod(w.shape[1:]), w.shape[0]
     transposed = site_kind(m) == "conv1d" or is_embedding_site(m)
     return (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
 

@@ -19,8 +19,8 @@ method has a lowering, the region is replaced; otherwise it stays (it is correct
 reference math) and is counted as skipped, with the reason logged at debug level.
 
 Counters (``torch._dynamo.utils.counters["peftcompile"]``): ``fused_<method>`` per
-replaced region, ``skipped_<method>`` per region left as is (an ``nn.Embedding`` site's region always is:
-its delta is a lookup, kept as reference math).
+replaced region, ``skipped_<method>`` per region left as is (an ``nn.Embedding`` or ``nn.Conv1d/2d/3d``
+site's region always is: its delta is a lookup / two convolutions, kept as reference math).
 """
 
 from __future__ import annotations
@@ -283,6 +283,8 @@ def _plan(region: Region) -> Plan:
     lowering = method.lowering
     if tag.get("embedding"):
         raise Skip("nn.Embedding site: its delta (an embedding lookup) stays reference math")
+    if tag.get("conv"):
+        raise Skip("nn.Conv1d/2d/3d site: its delta (two convolutions) stays reference math")
     if lowering is None:
         raise Skip(f"method {tag['method']!r} registers no lowering")
     cfg = config_from_dict(json.loads(tag["config"]))

@@ -6,6 +6,9 @@ A site is a node computing ``x @ W.T + b`` with a parameter W of the model:
 * ``x @ W.T`` / ``torch.matmul(x, W.t())`` on a 2-D ``get_attr`` parameter W (a linear written
   as a matmul, e.g. Falcon-style modules): a ``functional`` site like ``F.linear``'s;
 * a unit that is itself a linear module traced on its own (its output is the site).
+Only when asked (explicit targets): ``call_module`` to an ``nn.Embedding`` (kind "embedding") or
+an ``nn.Conv1d/2d/3d`` (kind "conv"; a linear on unfolded input patches, W viewed as
+[out, in * prod(kernel)]).
 Matchers are tried in order; the first that accepts a node wins.
 """
 
@@ -20,9 +23,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import Capture, Unit, is_embedding_site, site_features, site_kind
+from .capture import Capture, Unit, is_conv_site, is_embedding_site, site_features, site_kind
 
-__all__ = ["Site", "match", "HOST_ATTR"]
+__all__ = ["Site", "match", "HOST_ATTR", "EXPLICIT_KINDS"]
+
+#: Site kinds that only an explicit target reaches (PEFT's "all-linear" leaves them out).
+EXPLICIT_KINDS = ("embedding", "conv")
 
 HOST_ATTR = "peftcompile"
 
@@ -36,7 +42,9 @@ class Site:
     """One linear site: where it is computed (unit, node) and where its adapters live (host)."""
 
     name: str  # qualified name, as summary() prints it
-    kind: str  # 'linear' | 'conv1d' | 'functional' | 'embedding' (in = num_embeddings, out = embedding_dim)
+    # 'linear' | 'conv1d' (HF Conv1D) | 'functional' | 'embedding' (in = num_embeddings, out = embedding_dim)
+    # | 'conv' (nn.Conv1d/2d/3d: in = in_channels * prod(kernel_size), out = out_channels)
+    kind: str
     in_features: int
     out_features: int
     unit: Unit
@@ -59,11 +67,19 @@ class Site:
 Matcher = Callable[[Unit, fx.Node], "Site | None"]
 
 
+def _kind(m: nn.Module) -> str | None:
+    if is_embedding_site(m):
+        return "embedding"
+    if is_conv_site(m):
+        return "conv"
+    return site_kind(m)
+
+
 def _match_call_module(unit: Unit, node: fx.Node) -> Site | None:
     if node.op != "call_module":
         return None
     m = unit.module.get_submodule(node.target)
-    kind = "embedding" if is_embedding_site(m) else site_kind(m)
+    kind = _kind(m)
     if kind is None:
         return None
     in_f, out_f = site_features(m)
@@ -118,13 +134,14 @@ def _site_unit(unit: Unit) -> Site:
     x = next(n for n in g.nodes if n.op == "placeholder")
     out = next(n for n in g.nodes if n.op == "output").args[0]
     in_f, out_f = site_features(unit.module)
-    kind = "embedding" if is_embedding_site(unit.module) else site_kind(unit.module)
+    kind = _kind(unit.module)
     return Site(unit.path, kind, in_f, out_f, unit, out.name, x.name, unit.path, "weight", HOST_ATTR)
 
 
-def match(cap: Capture, *, embeddings: bool = False) -> list[Site]:
+def match(cap: Capture, *, explicit: bool = False) -> list[Site]:
     """Every linear site in the captured units, in graph order (a site called twice appears twice).
-    ``embeddings``: also the ``nn.Embedding`` sites (kind "embedding"; only explicit targets reach them)."""
+    ``explicit``: also the sites only explicit targets reach (:data:`EXPLICIT_KINDS`: ``nn.Embedding``
+    and ``nn.Conv1d/2d/3d``)."""
     sites: list[Site] = []
     for unit in cap.units:
         if unit.is_site:
@@ -136,9 +153,9 @@ def match(cap: Capture, *, embeddings: bool = False) -> list[Site]:
                 if s is not None:
                     sites.append(s)
                     break
-    if not embeddings:
-        return [s for s in sites if s.kind != "embedding"]
+    if not explicit:
+        return [s for s in sites if s.kind not in EXPLICIT_KINDS]
     # an F.linear on the embedding's own weight (a tied LM head) is a site of the same name and
     # host: that name keeps meaning the linear site, as it did before embeddings were sites
-    linear_names = {s.name for s in sites if s.kind != "embedding"}
-    return [s for s in sites if s.kind != "embedding" or s.name not in linear_names]
+    linear_names = {s.name for s in sites if s.kind not in EXPLICIT_KINDS}
+    return [s for s in sites if s.kind not in EXPLICIT_KINDS or s.name not in linear_names]

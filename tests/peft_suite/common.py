@@ -1,7 +1,7 @@
 """PEFT's tiny models, test-case tables and the helpers the ported tests share.
 
 The model classes are copied from PEFT's ``tests/test_custom_models.py`` (only those whose
-layers peftcompile adapts, plus the Conv/MHA ones the refusal tests need). ``to_spec`` is the
+layers peftcompile adapts, plus the grouped-Conv/MHA ones the refusal tests need). ``to_spec`` is the
 translation a PEFT user does by hand: ``LoraConfig`` / ``GraloraConfig`` kwargs -> our
 ``AdapterSpec`` (``target_modules`` keeps PEFT's meaning: a str is a regex matched against
 the whole name, a list holds name suffixes). ``twin`` builds the same base model twice, once
@@ -164,6 +164,78 @@ class ModelConv2D(nn.Module):
         return X
 
 
+class ModelConv2DGroups(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(90, 288)
+        # groups is set as 8 since default r=8
+        # hence to make r divisible by groups
+        self.conv2d = nn.Conv2d(16, 16, 3, groups=8)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin1 = nn.Linear(16, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+        self.dtype = torch.float
+
+    def forward(self, X):
+        X = X.to(self.dtype)
+        X = X.flatten()
+        X = self.lin0(X)
+        X = X.reshape(2, 16, 3, 3)
+        X = self.conv2d(X)
+        X = self.relu(X)
+        X = self.flat(X)
+        X = self.lin1(X)
+        X = self.sm(X)
+        return X
+
+
+class ModelConv2DGroups2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(16, 32, 3, padding=1, groups=2)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(12800, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+        self.dtype = torch.float
+
+    def forward(self, X):
+        # Note: needs a different input shape, thus ignore original input
+        X = torch.arange(9 * 16 * 20 * 20).view([9, 16, 20, 20]).to(self.conv2d.weight.device)
+        X = X.to(self.dtype)
+        X = self.conv2d(X)
+        X = self.relu(X)
+        X = self.flat(X)
+        X = self.lin0(X)
+        X = self.sm(X)
+        return X
+
+
+class ModelConv3D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv3d = nn.Conv3d(5, 10, 3)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(10, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+        self.dtype = torch.float
+
+    def forward(self, X):
+        X = X.to(self.dtype)
+        # If necessary, convert from 2D image to 3D volume
+        if X.dim() == 2:
+            X = torch.stack([X] * 3, dim=-1)
+        X = X.reshape(-1, 5, 3, 3, 3)
+        X = self.conv3d(X)
+        X = self.relu(X)
+        X = self.flat(X)
+        X = self.lin0(X)
+        X = self.sm(X)
+        return X
+
+
 class ModelMha(nn.Module):
     def __init__(self):
         super().__init__()
@@ -181,7 +253,8 @@ class ModelMha(nn.Module):
 
 
 MODELS = {"MLP": MLP, "MLP_LayerNorm": MLP_LayerNorm, "EmbConv1D": ModelEmbConv1D, "Conv1d": ModelConv1D,
-          "Conv2d": ModelConv2D, "MHA": ModelMha}
+          "Conv2d": ModelConv2D, "Conv2dGroups": ModelConv2DGroups, "Conv2dGroups2": ModelConv2DGroups2,
+          "Conv3d": ModelConv3D, "MHA": ModelMha}
 
 
 def make(model_id: str, dtype=torch.float32) -> nn.Module:
@@ -210,6 +283,15 @@ SUPPORTED = [
     ("Embedding + transformers Conv1D 1 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["conv1d"]}),
     ("Embedding + transformers Conv1D 2 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["emb"]}),
     ("Embedding + transformers Conv1D 3 LoRA", "EmbConv1D", LoraConfig, {"target_modules": ["emb", "conv1d"]}),
+    ("Conv1d LoRA", "Conv1d", LoraConfig, {"target_modules": ["conv1d"]}),
+    ("Conv2d 1 LoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d"]}),
+    ("Conv2d 2 LoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d", "lin0"]}),
+    ("Conv3d 1 LoRA", "Conv3d", LoraConfig, {"target_modules": ["conv3d"]}),
+    ("Conv3d 2 LoRA", "Conv3d", LoraConfig, {"target_modules": ["conv3d", "lin0"]}),
+    ("Conv2d 1 LoRA with lora_b bias", "Conv2d", LoraConfig,
+     {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}),
+    ("Conv3d 1 LoRA with lora_b bias", "Conv3d", LoraConfig,
+     {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
     ("Vanilla MLP 1 GraLoRA", "MLP", GraloraConfig, {"target_modules": "lin0"}),
     ("Vanilla MLP 2 GraLoRA", "MLP", GraloraConfig, {"target_modules": ["lin0"]}),
     ("Vanilla MLP 3 GraLoRA", "MLP", GraloraConfig, {"target_modules": ["lin1"]}),
@@ -274,7 +356,9 @@ def transplant(peft_model, ours: nn.Module, name: str = "default") -> None:
                     break
             else:  # bias="all"/"lora_only": a trained base bias (PEFT's base_layer.bias at a wrapped site)
                 k = k.replace(".base_layer.", ".")
-            live[k].copy_(t)  # a site's adapter tensor, a modules_to_save weight or a trained bias
+            # a site's adapter tensor (PEFT's conv layout [r, C_in, *k] / [out, r, 1, ...] at nn.ConvNd
+            # sites, ours flattened: the same values), a modules_to_save weight or a trained bias
+            live[k].copy_(t.reshape(live[k].shape) if t.numel() == live[k].numel() else t)
             done.add(k)
     ours_adapter = {k for k in live if f".peftcompile.{name}." in k}
     assert ours_adapter <= done, f"not transplanted: {sorted(ours_adapter - done)}"

@@ -891,6 +891,13 @@ REFUSED_CHECKPOINTS = [
      "velora_config"),
     ("Embedding + transformers Conv1D 1 DoRA", "EmbConv1D", LoraConfig, {"target_modules": ["conv1d"],
                                                                           "use_dora": True}, "use_dora"),
+    ("Conv1d LoRA with DoRA", "Conv1d", LoraConfig, {"target_modules": ["conv1d"], "use_dora": True}, "use_dora"),
+    ("Conv2d 1 LoRA with DoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d"], "use_dora": True}, "use_dora"),
+    ("Conv2d 2 LoRA with DoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d", "lin0"], "use_dora": True},
+     "use_dora"),
+    ("Conv3d 1 LoRA with DoRA", "Conv3d", LoraConfig, {"target_modules": ["conv3d"], "use_dora": True}, "use_dora"),
+    ("Conv3d 2 LoRA with DoRA", "Conv3d", LoraConfig, {"target_modules": ["conv3d", "lin0"], "use_dora": True},
+     "use_dora"),
     ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D", LoraConfig,
      {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}, "trainable_token_indices"),
     ("MLP 2 using nn.Parameter LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"],
@@ -901,13 +908,13 @@ REFUSED_CHECKPOINTS = [
 
 #: rows whose layers or modules_to_save overlap pc.adapt refuses (README "Guarantees": "a listed
 #: target that only names non-linear modules"; "an nn.MultiheadAttention.out_proj target";
-#: "trainable modules that hold adapted sites"; "Limits": no Conv sites; Embedding sites for LoRA only,
-#: so PEFT's "Embedding + transformers Conv1D 2/3 LoRA" rows are in common.SUPPORTED)
+#: "trainable modules that hold adapted sites"; "Coming from PEFT": Conv sites with groups > 1, which
+#: PEFT adapts but cannot merge. Embedding and Conv1d/2d/3d LoRA rows are in common.SUPPORTED)
 REFUSED_SPECS = [
-    ("Conv1d LoRA", "Conv1d", LoraConfig, {"target_modules": ["conv1d"]}, "matched no linear site"),
-    ("Conv2d 1 LoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d"]}, "matched no linear site"),
-    ("Conv2d 2 LoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d", "lin0"]},
-     r"target 'conv2d' names \['Conv2d'\]"),
+    ("Conv2d Groups LoRA", "Conv2dGroups", LoraConfig, {"target_modules": ["conv2d"]},
+     r"Conv2d site 'conv2d': groups=8"),
+    ("Conv2d Groups2 LoRA", "Conv2dGroups2", LoraConfig, {"target_modules": ["conv2d"]},
+     r"Conv2d site 'conv2d': groups=2"),
     ("MHA 1 LoRA", "MHA", LoraConfig, {"target_modules": ["mha"]}, "matched no linear site"),
     ("MHA 2 LoRA", "MHA", LoraConfig, {"target_modules": ["mha", "lin0"]},
      r"target 'mha' names \['MultiheadAttention'\]"),

@@ -1,5 +1,6 @@
-"""Port of PEFT's ``tests/test_initialization.py``: ``TestLoraInitialization`` (the linear-layer
-and option tests) and ``TestGraLoRAInitialization``.
+"""Port of PEFT's ``tests/test_initialization.py``: ``TestLoraInitialization`` (the linear-layer,
+conv2d and option tests; the scaling tests on PEFT's linear / embedding / conv2d model) and
+``TestGraLoRAInitialization``.
 
 LoRA offers PEFT's ``init_lora_weights`` choices that do not read the base weight (True: A
 kaiming-uniform, B zero; "gaussian"; "orthogonal"; False), checked with PEFT's statistical tests;
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 class MyModule(nn.Module):
     # PEFT's TestLoraInitialization.get_model, linear part ("a large weight so that averages are
-    # close to expected values"); the embedding / conv2d parts are layer kinds we do not adapt.
+    # close to expected values"), for the linear-layer tests.
     def __init__(self, bias=True, size=1000):
         super().__init__()
         self.linear = nn.Linear(size, size, bias=bias)
@@ -42,13 +43,33 @@ def get_model(size=1000):
     return MyModule(size=size).eval()
 
 
+class ThreeLayers(nn.Module):
+    # PEFT's TestLoraInitialization.get_model, whole: a linear, an embedding and a conv2d, each adapted
+    # by LoRA (sizes scaled by ``size``: 1000 is PEFT's; the conv2d has C_in = size / 10).
+    def __init__(self, bias=True, size=1000):
+        super().__init__()
+        self.linear = nn.Linear(size, size, bias=bias)
+        self.embed = nn.Embedding(max(size, 100), size)  # ids are int(100 * x), x in [0, 1)
+        self.channels = size // 10
+        self.conv2d = nn.Conv2d(self.channels, self.channels, 3, bias=bias)
+
+    def forward(self, x):
+        x_int = (100 * x).int()
+        x_4d = x.flatten().reshape(-1, self.channels, 10, 10)
+        return self.linear(x), self.embed(x_int), self.conv2d(x_4d)
+
+
+def get_three(size=1000):
+    return ThreeLayers(size=size).eval()
+
+
 @pytest.fixture
 def data():
     return torch.rand(10, 1000)
 
 
-def weights(model, name="default"):
-    a = model.linear.peftcompile[name]
+def weights(model, name="default", site="linear"):
+    a = model.get_submodule(site).peftcompile[name]
     return (a.lora_A, a.lora_B) if hasattr(a, "lora_A") else (a.gralora_A, a.gralora_B)
 
 
@@ -72,6 +93,48 @@ def test_lora_linear_init_default():
     peft_model = get_peft_model(get_model(), LoraConfig(target_modules=["linear"]))
     peft_A = peft_model.base_model.model.linear.lora_A["default"].weight.detach().flatten().numpy()
     assert stats.ks_2samp(a, peft_A).pvalue > 0.01
+
+
+def test_lora_conv2d_default():
+    # A kaiming-uniform over the conv's fan-in (C_in * 3 * 3 = 900), B zero: PEFT's init of its lora_A conv
+    torch.manual_seed(0)
+    model = pc.adapt(get_three(), pc.AdapterSpec(pc.LoRA(), targets=["conv2d"]))
+    weight_A, weight_B = weights(model, site="conv2d")
+    assert weight_A.shape == (8, 100 * 3 * 3)  # PEFT's [8, 100, 3, 3], flattened
+    a = weight_A.detach().flatten().numpy()
+    bound = 1 / math.sqrt(100 * 3 * 3)
+    assert stats.kstest(a, stats.uniform(loc=-bound, scale=2 * bound).cdf).pvalue > 0.01  # as in the linear test
+    normal = torch.distributions.normal.Normal(weight_A.mean().item(), weight_A.std().item()).sample((10000,))
+    assert stats.kstest(a, normal.numpy()).pvalue < 0.05
+    assert (weight_B == 0.0).all()
+    # yardstick: PEFT's draw has the same distribution
+    torch.manual_seed(1)
+    peft_model = get_peft_model(get_three(), LoraConfig(target_modules=["conv2d"]))
+    peft_A = peft_model.base_model.model.conv2d.lora_A["default"].weight
+    assert peft_A.shape == (8, 100, 3, 3)
+    assert stats.ks_2samp(a, peft_A.detach().flatten().numpy()).pvalue > 0.01
+
+
+@pytest.mark.parametrize("init", ["gaussian", False])
+def test_lora_conv2d_init_variants_load_from_peft(init, tmp_path):
+    # test_lora_conv2d_init_gaussian / test_lora_conv2d_false: not offered in code, but a PEFT conv adapter
+    # that started from them is plain LoRA weights: it loads, and outputs equal PEFT's
+    torch.manual_seed(0)
+    base = get_three(size=40)
+    x = torch.rand(10, 40)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["conv2d"], init_lora_weights=init))
+    weight_B = peft_model.base_model.model.conv2d.lora_B["default"].weight
+    if init is False:
+        assert not torch.allclose(weight_B, torch.zeros_like(weight_B))
+    else:
+        assert (weight_B == 0.0).all()
+        with torch.no_grad():  # a trained adapter: non-zero B
+            weight_B.normal_()
+    peft_model.save_pretrained(tmp_path)
+    model = pc.load_peft_adapter(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        for got, want in zip(model(x), peft_model(x)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_gralora_init_default_is_peft_draw():
@@ -207,17 +270,6 @@ def test_lora_scaling_default():
     assert pc.GraLoRA(r=8, k=2, alpha=4, hybrid_r=2).scaling == 4 / (8 + 2)  # PEFT: alpha / (r + hybrid_r)
 
 
-class ThreeLinears(nn.Module):
-    # PEFT's get_model names its layers linear / embed / conv2d; we adapt linear layers only, so all
-    # three are nn.Linear here: the rank / alpha patterns match by the same names as in PEFT's test.
-    def __init__(self, size=32):
-        super().__init__()
-        self.linear, self.embed, self.conv2d = (nn.Linear(size, size) for _ in range(3))
-
-    def forward(self, x):
-        return self.linear(x), self.embed(x), self.conv2d(x)
-
-
 def scalings(model, name="default"):
     return {s: model.get_submodule(s).peftcompile[name].cfg.scaling for s in ("linear", "embed", "conv2d")}
 
@@ -231,7 +283,7 @@ def lora_spec(config: LoraConfig) -> pc.AdapterSpec:
 def adapt_both(config: LoraConfig, tmp_path):
     """(ours, PEFT's model, PEFT's checkpoint loaded by us), on the same base."""
     torch.manual_seed(0)
-    base = ThreeLinears().eval()
+    base = get_three(size=40)  # PEFT's get_model: linear, embed, conv2d
     peft_model = get_peft_model(copy.deepcopy(base), config)
     peft_model.save_pretrained(tmp_path)
     ours = pc.adapt(copy.deepcopy(base), lora_spec(config))
@@ -243,7 +295,7 @@ def assert_scalings(ours, peft_model, loaded, expected):
         assert peft_model.base_model.model.get_submodule(s).scaling["default"] == want  # PEFT's assertion
     assert scalings(ours) == expected
     assert scalings(loaded) == expected
-    x = torch.rand(4, 32)
+    x = torch.rand(10, 40)
     with torch.no_grad():
         for got, want in zip(loaded(x), peft_model(x)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -337,6 +389,48 @@ def test_valid_no_target_module_nor_target_parameter_match_raises(target_modules
     with pytest.raises(pc.AdapterError, match="matched no linear site"):
         pc.adapt(model, pc.AdapterSpec(pc.LoRA(), targets=target_modules))
     assert state_of(model) is None
+
+
+class ModelConv2DGroups(nn.Module):
+    """PEFT's get_model_conv2d_groups (for testing when the groups argument is used in a conv layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(16, 32, 3, padding=1, groups=2)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(12800, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+        self.dtype = torch.float
+
+    def forward(self, X):
+        X = torch.arange(9 * 16 * 20 * 20).view([9, 16, 20, 20]).to(self.conv2d.weight.device)
+        X = X.to(self.dtype)
+        X = self.sm(self.lin0(self.flat(self.relu(self.conv2d(X)))))
+        return X
+
+
+@pytest.mark.parametrize("r", [8, 2, 1], ids=["rank divisible by groups", "rank equal to groups",
+                                              "rank not divisible by groups"])
+def test_error_raised_if_rank_not_divisible_by_groups(r):
+    # PEFT raises for r % groups != 0 and otherwise adapts the grouped conv, but cannot merge it
+    # ("Merging is not supported for _ConvNd layers with groups > 1"). Ours refuses every grouped conv
+    # by name (README "Coming from PEFT": an adapter that cannot merge is refused), model unchanged.
+    base_model = ModelConv2DGroups().eval()
+    base_layer = base_model.conv2d
+    if r % base_layer.groups != 0:
+        with pytest.raises(ValueError, match=re.escape(
+                f"Targeting a {base_layer.__class__.__name__} with groups={base_layer.groups} and rank {r}. "
+                "Currently, support is limited to conv layers where the rank is divisible by groups. "
+                "Either choose a different rank or do not target this specific layer.")):
+            get_peft_model(copy.deepcopy(base_model), LoraConfig(r=r, target_modules=["conv2d"]))
+    else:
+        get_peft_model(copy.deepcopy(base_model), LoraConfig(r=r, target_modules=["conv2d"]))
+    before = {k: v.clone() for k, v in base_model.state_dict().items()}
+    with pytest.raises(pc.AdapterError, match=r"Conv2d site 'conv2d': groups=2 .*Fix: remove 'conv2d'"):
+        pc.adapt(base_model, pc.AdapterSpec(pc.LoRA(r=r), targets=["conv2d"]))
+    assert state_of(base_model) is None
+    assert all(torch.equal(v, before[k]) for k, v in base_model.state_dict().items())
 
 
 # ----------------------------------------------------------------------------- TestGraLoRAInitialization

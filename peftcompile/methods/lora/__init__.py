@@ -8,7 +8,8 @@ import torch
 
 from ...errors import AdapterError
 from ..registry import ANY, Lowering, Method, PeftFormat, register_method, shapes_check
-from .math import INITS, LoRA, lora_as_lora, lora_delta, lora_delta_bias, lora_delta_weight, lora_embed, lora_embed_init, lora_init, lora_shapes
+from .math import (INITS, LoRA, lora_as_lora, lora_conv, lora_conv_shape, lora_delta, lora_delta_bias, lora_delta_weight,
+                   lora_embed, lora_embed_init, lora_init, lora_shapes)
 
 __all__ = ["LoRA", "lora_delta", "lora_delta_weight"]
 
@@ -95,7 +96,8 @@ register_method(
         rank_axes={"lora_A": (0,), "lora_B": (1,)},
         peft=PeftFormat("LORA", {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_B.bias": "lora_B_bias"}, _from_peft, _to_peft,
                         _PEFT_OPTIONS, _default_targets,
-                        embedding_keys={"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}),
+                        embedding_keys={"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"},
+                        conv_shape=lora_conv_shape),
         as_lora=lora_as_lora,
         factors=_factors,
         # alpha = r: scaling 1, so the factors are stored as given
@@ -104,5 +106,6 @@ register_method(
         delta_bias=lora_delta_bias,
         embed=lora_embed,
         embed_init=lora_embed_init,
+        conv=lora_conv,
     )
 )

@@ -12,8 +12,8 @@ from ...errors import AdapterError, AdapterTypeError
 from ..lowrank import lowrank, lowrank_weight
 from ..registry import MethodConfig, Params, kaiming_
 
-__all__ = ["LoRA", "lora_delta", "lora_delta_weight", "lora_shapes", "lora_init", "lora_as_lora", "lora_delta_bias", "lora_embed",
-           "lora_embed_init"]
+__all__ = ["LoRA", "lora_delta", "lora_delta_weight", "lora_shapes", "lora_init", "lora_as_lora", "lora_delta_bias",
+           "lora_embed", "lora_embed_init", "lora_conv", "lora_conv_shape"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,28 @@ def lora_embed(ids: torch.Tensor, p: Params, cfg: LoRA, kwargs: dict) -> torch.T
     """PEFT's ``lora.Embedding``: s * F.embedding(ids, A.T, **embedding options) @ B.T (no dropout)."""
     after_a = torch.nn.functional.embedding(ids, p["lora_A"].T, **kwargs)  # [..., r]
     return (after_a @ p["lora_B"].T) * cfg.scaling
+
+
+_CONVS = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+
+
+def lora_conv_shape(param: str, shape: tuple, kernel_size: tuple) -> tuple:
+    """PEFT's layout at a conv site: lora_A is a conv [r, C_in, *k], lora_B a 1x1 conv [out, r, 1, ...]."""
+    if param == "lora_A":
+        r, in_f = shape
+        return (r, in_f // math.prod(kernel_size), *kernel_size)
+    if param == "lora_B":
+        return (*shape, *(1,) * len(kernel_size))
+    return tuple(shape)  # lora_B_bias: the 1x1 conv's bias, [out] in both layouts
+
+
+def lora_conv(x: torch.Tensor, p: Params, cfg: LoRA, opts: dict) -> torch.Tensor:
+    """PEFT's ``lora.Conv1d/2d/3d``: s * conv_1x1(conv(x, A; the base's kernel, stride, padding), B, b_B).
+
+    x: [N, C_in, *spatial]; A [r, C_in * prod(k)] viewed as [r, C_in, *k]; B [out, r] as [out, r, 1, ...]."""
+    k = tuple(opts["kernel_size"])
+    conv = _CONVS[len(k)]
+    A, B = p["lora_A"], p["lora_B"]
+    z = conv(x, A.view(lora_conv_shape("lora_A", A.shape, k)), None, opts["stride"], opts["padding"])  # [N, r, *out]
+    # lora_bias: PEFT's 1x1 conv B carries the bias, inside the scaling
+    return conv(z, B.view(lora_conv_shape("lora_B", B.shape, k)), p.get("lora_B_bias")) * cfg.scaling  # [N, out, *out]
