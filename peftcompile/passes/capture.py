@@ -63,10 +63,13 @@ def site_features(m: nn.Module) -> tuple[int, int]:
 
 
 class Tracer(fx.Tracer):
-    """fx tracer that keeps linear sites (incl. Conv1D) as call_module leaves."""
+    """fx tracer that keeps linear sites (incl. Conv1D) as call_module leaves, and modules holding
+    stacked (3-D) parameters too: their forward must run as a call, where a parameter site's hooks
+    put W + dW in place (passes/params.py)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_site_module(m) or super().is_leaf_module(m, qualname)
+        stacked = any(p is not None and p.dim() == 3 for p in m._parameters.values())
+        return is_site_module(m) or stacked or super().is_leaf_module(m, qualname)
 
 
 @dataclass
