@@ -372,11 +372,6 @@ class ParamAdapterSet(SiteAdapterSet):
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         """W plus the running adapters' deltas (W itself when none runs)."""
-        routing = self._routing
-        if routing is not None and routing.names is not None:
-            raise AdapterError(f"{self.site}: a parameter target cannot run a mixed-adapter batch (adapter_names=...): "
-                               f"the whole batch reads one weight (PEFT's ParamWrapper refuses it too). Fix: one batch "
-                               f"per adapter with peftcompile.set_active")
         if torch.compiler.is_dynamo_compiling():
             gate = self._buffers[GATE]
         else:
@@ -394,6 +389,11 @@ class ParamAdapterSet(SiteAdapterSet):
         return w
 
     def _swap_in(self, host: nn.Module, args) -> None:
+        routing = self._routing  # checked up front by rows.check_adapter_names; this is the backstop
+        if routing is not None and routing.names is not None and len(self):
+            raise AdapterError(f"{self.site}: a parameter target cannot run a mixed-adapter batch (adapter_names=...): "
+                               f"the whole batch reads one weight (PEFT's ParamWrapper refuses it too). Fix: one batch "
+                               f"per adapter with peftcompile.set_active")
         if not self._running:
             return
         w = host._parameters[self.weight_attr]

@@ -20,7 +20,7 @@ reference math) and is counted as skipped, with the reason logged at debug level
 
 Counters (``torch._dynamo.utils.counters["peftcompile"]``): ``fused_<method>`` per
 replaced region, ``skipped_<method>`` per region left as is (an ``nn.Embedding`` site's region always is:
-its delta is a lookup, kept as reference math).
+its delta is a lookup, kept as reference math; so is a parameter site's W + dW).
 """
 
 from __future__ import annotations
@@ -283,6 +283,8 @@ def _plan(region: Region) -> Plan:
     lowering = method.lowering
     if tag.get("embedding"):
         raise Skip("nn.Embedding site: its delta (an embedding lookup) stays reference math")
+    if tag.get("param"):
+        raise Skip("parameter site: W + dW is read by the module's own forward, it stays reference math")
     if lowering is None:
         raise Skip(f"method {tag['method']!r} registers no lowering")
     cfg = config_from_dict(json.loads(tag["config"]))
