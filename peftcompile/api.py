@@ -147,7 +147,8 @@ def _unreachable_sites(model: nn.Module, sites: Sequence[Site]) -> dict[str, str
     return out
 
 
-def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str], chosen: list[str]) -> None:
+def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str], chosen: list[str],
+                           warn: bool = True) -> None:
     """Each listed target must reach a linear site: a name that only reaches other modules
     (Conv2d, Embedding, LayerNorm) is an error, one that reaches nothing a warning."""
     if isinstance(spec.targets, str):
@@ -172,8 +173,9 @@ def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str],
                 f"from targets, or target the linear layers inside it (parameters it reads itself, such as stacked "
                 f"MoE experts: target_parameters=[...])"
             )
-        warnings.warn(f"target {pat!r} matched no site of {type(model).__name__}; check the spelling",
-                      AdapterWarning, stacklevel=4)
+        if warn:
+            warnings.warn(f"target {pat!r} matched no site of {type(model).__name__}; check the spelling",
+                          AdapterWarning, stacklevel=4)
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -273,6 +275,8 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
             raise AdapterError(f"cannot adapt {bad}: {unreachable[bad[0]]}. Fix: exclude {bad}")
         if chosen or psites:
             _check_target_patterns(model, spec, set(by_name), chosen)
+        else:  # nothing to adapt: a target naming a non-linear module or a parameter says why
+            _check_target_patterns(model, spec, set(by_name), chosen, warn=False)
     if not chosen and not psites:
         raise _error_no_sites(spec, candidates, cap.failures)
     if spec.targets == ALL_LINEAR or defaulted:

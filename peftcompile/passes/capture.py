@@ -194,6 +194,8 @@ def capture(model: nn.Module) -> Capture:
                 reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         failures[path] = reason
         for name, child in m.named_children():
+            if name.startswith("peftcompile"):  # our own adapter containers (on untraced hosts): never sites
+                continue
             visit(f"{path}.{name}" if path else name, child)
 
     visit("", model)
