@@ -25,7 +25,7 @@ from .methods import Method, method_for, registered_methods
 from .modules import BASE_ROW, ParamAdapterSet, SharedTensors, SiteAdapter, SiteAdapterSet
 from .passes.capture import capture, is_site_module, site_kind
 from .passes.match import Site, match
-from .passes.params import match_parameters, param_layout, parameter_keys, stacked_parameters
+from .passes.params import builtin_layer, match_parameters, param_layout, parameter_keys, stacked_parameters
 from .passes.rewrite import restore_unit_, rewrite_unit_
 from .spec import (ALL_LINEAR, AdapterSpec, Placement, default_targets, layer_index, matches, param_targeted,
                    pattern_matches, select_modules, select_sites)
@@ -147,8 +147,22 @@ def _unreachable_sites(model: nn.Module, sites: Sequence[Site]) -> dict[str, str
     return out
 
 
-def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str], chosen: list[str],
-                           warn: bool = True) -> None:
+def _check_stacked_targets(model: nn.Module, spec: AdapterSpec) -> None:
+    """A target naming a stacked (3-D) expert parameter, or the module holding them, is refused with
+    ``target_parameters`` as the fix (linear targets cannot reach them)."""
+    stacked = [(k, k.rpartition(".")[0]) for k in stacked_parameters(model)]
+    for pat in spec.targets or ():
+        hit = [k for k, owner in stacked if param_targeted(k, (pat,)) or matches(owner, (pat,))]
+        if hit:
+            raise AdapterError(
+                f"target {pat!r} names stacked expert parameters {hit[:4]} (or the "
+                f"{type(model.get_submodule(hit[0].rpartition('.')[0])).__name__} holding them), which are not linear "
+                f"layers: a module that reads a parameter itself is adapted through target_parameters. Fix: "
+                f"AdapterSpec(..., target_parameters={sorted({k.rpartition('.')[2] for k in hit})}) and remove "
+                f"{pat!r} from targets")
+
+
+def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str], chosen: list[str]) -> None:
     """Each listed target must reach a linear site: a name that only reaches other modules
     (Conv2d, Embedding, LayerNorm) is an error, one that reaches nothing a warning."""
     if isinstance(spec.targets, str):
@@ -173,9 +187,8 @@ def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str],
                 f"from targets, or target the linear layers inside it (parameters it reads itself, such as stacked "
                 f"MoE experts: target_parameters=[...])"
             )
-        if warn:
-            warnings.warn(f"target {pat!r} matched no site of {type(model).__name__}; check the spelling",
-                          AdapterWarning, stacklevel=4)
+        warnings.warn(f"target {pat!r} matched no site of {type(model).__name__}; check the spelling",
+                      AdapterWarning, stacklevel=4)
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -275,8 +288,8 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
             raise AdapterError(f"cannot adapt {bad}: {unreachable[bad[0]]}. Fix: exclude {bad}")
         if chosen or psites:
             _check_target_patterns(model, spec, set(by_name), chosen)
-        else:  # nothing to adapt: a target naming a non-linear module or a parameter says why
-            _check_target_patterns(model, spec, set(by_name), chosen, warn=False)
+        else:  # nothing to adapt: a target naming stacked expert parameters (or their module) says why
+            _check_stacked_targets(model, spec)
     if not chosen and not psites:
         raise _error_no_sites(spec, candidates, cap.failures)
     if spec.targets == ALL_LINEAR or defaulted:
@@ -435,6 +448,10 @@ def _param_sites(model: nn.Module, method: Method, spec: AdapterSpec, by_name: M
             site = weights.get((s.host_path, s.weight_attr), s.host_path)
             problems.append(f"{s.name} is the weight of the linear site {site!r} ({type(host).__name__}); adapt it "
                             f"as a module: targets=[{site!r}] instead of target_parameters")
+        elif builtin_layer(host):
+            problems.append(f"{s.name} belongs to the torch.nn layer {s.host_path!r} ({type(host).__name__}), whose "
+                            f"forward is not a per-expert linear; parameter targets are for modules that read their "
+                            f"own stacked or 2-D weights (MoE experts, routers)")
         elif not p.is_floating_point():
             problems.append(f"{s.name} is {p.dtype}; only floating-point parameters can take a delta")
         else:

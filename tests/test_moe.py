@@ -358,8 +358,8 @@ BAD_SPECS = [
     (dict(target_parameters=EXPERTS), pc.GraLoRA(r=4, k=2, alpha=8), "gralora: cannot adapt parameter targets.*\\['lora'\\]"),
     (dict(target_parameters=EXPERTS), pc.RaSA(r=4, k=1, alpha=8), "rasa: cannot adapt parameter targets"),
     (dict(target_parameters=EXPERTS), pc.LoRA(r=2, dropout=0.1), "dropout=0.1 cannot apply to a parameter"),
-    (dict(targets=["gate_up_proj"]), pc.LoRA(r=2), "names parameters.*target_parameters=\\['gate_up_proj'\\]"),
-    (dict(targets=["experts"]), pc.LoRA(r=2), "MixtralExperts.*target_parameters"),
+    (dict(targets=["gate_up_proj"]), pc.LoRA(r=2), "names stacked expert.*target_parameters=\\['gate_up_proj'\\]"),
+    (dict(targets=["experts"]), pc.LoRA(r=2), "MixtralExperts.*target_parameters=\\['down_proj', 'gate_up_proj'\\]"),
 ]
 
 

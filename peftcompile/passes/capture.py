@@ -68,7 +68,7 @@ class Tracer(fx.Tracer):
     put W + dW in place (passes/params.py)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        stacked = any(p is not None and p.dim() == 3 for p in m._parameters.values())
+        stacked = any(p is not None and p.dim() == 3 for p in m._parameters.values())  # (torch.nn layers: leaves anyway)
         return is_site_module(m) or stacked or super().is_leaf_module(m, qualname)
 
 

@@ -23,7 +23,8 @@ from torch import nn
 from ..spec import param_targeted
 from .match import HOST_ATTR, Site
 
-__all__ = ["param_layout", "match_parameters", "parameter_keys", "param_host_attr", "stacked_parameters"]
+__all__ = ["param_layout", "match_parameters", "parameter_keys", "param_host_attr", "stacked_parameters",
+           "builtin_layer"]
 
 
 def param_host_attr(param: str) -> str:
@@ -71,6 +72,11 @@ def match_parameters(model: nn.Module, targets: Sequence[str]) -> list[Site]:
     return out
 
 
+def builtin_layer(m: nn.Module) -> bool:
+    """A torch.nn layer (Conv1d, LayerNorm, ...): its parameters are its own layer's, not experts."""
+    return type(m).__module__.startswith("torch.nn")
+
+
 def stacked_parameters(model: nn.Module) -> list[str]:
-    """Keys of the 3-D (stacked expert) parameters of ``model``."""
-    return [k for k, _, _, p in parameter_keys(model) if p.dim() == 3]
+    """Keys of the 3-D (stacked expert) parameters of ``model`` (not a torch.nn layer's, e.g. Conv1d's)."""
+    return [k for k, path, _, p in parameter_keys(model) if p.dim() == 3 and not builtin_layer(model.get_submodule(path))]
