@@ -22,12 +22,13 @@ from .copies import add_copies_, base_keys, drop_copies_, original, owners_for, 
 from . import rows
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import Method, method_for, registered_methods
-from .modules import BASE_ROW, SharedTensors, SiteAdapter, SiteAdapterSet
-from .passes.capture import capture, embed_scale, site_kind
+from .modules import BASE_ROW, ParamAdapterSet, SharedTensors, SiteAdapter, SiteAdapterSet
+from .passes.capture import capture, embed_scale, is_site_module, site_kind
 from .passes.match import EXPLICIT_KINDS, Site, match
+from .passes.params import builtin_layer, match_parameters, param_layout, parameter_keys, stacked_parameters
 from .passes.rewrite import restore_unit_, rewrite_unit_
-from .spec import (ALL_LINEAR, AdapterSpec, Placement, default_targets, layer_index, matches, pattern_matches, select_modules,
-                   select_sites)
+from .spec import (ALL_LINEAR, AdapterSpec, Placement, default_targets, layer_index, matches, param_targeted,
+                   pattern_matches, select_modules, select_sites)
 from .state import (SHARED_ATTR, merged_sites, STATE_ATTR, ModelState, freeze_base_, owned_by, require_state, site_adapters, state_of,
                     trainable_modules)
 
@@ -148,6 +149,21 @@ def _unreachable_sites(model: nn.Module, sites: Sequence[Site]) -> dict[str, str
     return out
 
 
+def _check_stacked_targets(model: nn.Module, spec: AdapterSpec) -> None:
+    """A target naming a stacked (3-D) expert parameter, or the module holding them, is refused with
+    ``target_parameters`` as the fix (linear targets cannot reach them)."""
+    stacked = [(k, k.rpartition(".")[0]) for k in stacked_parameters(model)]
+    for pat in spec.targets or ():
+        hit = [k for k, owner in stacked if param_targeted(k, (pat,)) or matches(owner, (pat,))]
+        if hit:
+            raise AdapterError(
+                f"target {pat!r} names stacked expert parameters {hit[:4]} (or the "
+                f"{type(model.get_submodule(hit[0].rpartition('.')[0])).__name__} holding them), which are not linear "
+                f"layers: a module that reads a parameter itself is adapted through target_parameters. Fix: "
+                f"AdapterSpec(..., target_parameters={sorted({k.rpartition('.')[2] for k in hit})}) and remove "
+                f"{pat!r} from targets")
+
+
 def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str], chosen: list[str]) -> None:
     """Each listed target must reach a site: a name that only reaches other modules (LayerNorm,
     MultiheadAttention, a Conv2d subclass) is an error, one that reaches nothing a warning."""
@@ -157,6 +173,13 @@ def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str],
     for pat in spec.targets:
         if any(matches(n, (pat,)) for n in chosen):
             continue
+        params = [k for k, _, _, p in parameter_keys(model) if p.dim() >= 2 and param_targeted(k, (pat,))
+                  and not matches(k.rpartition(".")[0], (pat,))]
+        if params and not any(matches(n, (pat,)) for n in modules):
+            raise AdapterError(
+                f"target {pat!r} names parameters {params[:4]}, not modules: a module that reads a parameter itself "
+                f"(e.g. MoE experts stored as one tensor) is adapted through target_parameters. Fix: "
+                f"AdapterSpec(..., target_parameters=[{pat!r}]) and remove {pat!r} from targets")
         others = [n for n in modules if matches(n, (pat,)) and n not in sites]
         if others:
             kinds = sorted({type(model.get_submodule(n)).__name__ for n in others})
@@ -164,7 +187,8 @@ def _check_target_patterns(model: nn.Module, spec: AdapterSpec, sites: set[str],
                 f"target {pat!r} names {kinds} module(s) {others[:4]}, which peftcompile cannot adapt (it adapts "
                 f"nn.Linear, F.linear on a parameter, HF Conv1D, and nn.Embedding / nn.Conv1d / nn.Conv2d / "
                 f"nn.Conv3d with LoRA; subclasses of those are not adapted). Fix: remove {pat!r} from targets, or "
-                f"target the linear layers inside it"
+                f"target the linear layers inside it (parameters it reads itself, such as stacked MoE experts: "
+                f"target_parameters=[...])"
             )
         warnings.warn(f"target {pat!r} matched no site of {type(model).__name__}; check the spelling",
                       AdapterWarning, stacklevel=4)
@@ -213,8 +237,13 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     if placement is not None:
         spec = spec.with_placement(placement)
     placement = spec.placement
+    defaulted = spec.targets is None
+    spec = _peft_resolved(model, spec)
     if spec.targets is None:  # PEFT's default for the architecture, recorded in the adapter's spec
-        spec = dataclasses.replace(spec, targets=default_targets(model, spec.method))
+        found = default_targets(model, spec.method)
+        if spec.target_parameters and found == ALL_LINEAR:
+            found = ()  # PEFT: with target_parameters and no default for the model, no module targets
+        spec = dataclasses.replace(spec, targets=found)
     st = state_of(model)
     check_adapter_name(name)
     wrapped = _peft_wrapped(model)
@@ -255,14 +284,19 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     if spec.targets == ALL_LINEAR:  # PEFT: modules_to_save are never targets
         skip |= {s.name for s in firsts if any(_overlaps(s.host_path, t) for t in tmods)}
     chosen = select_sites(candidates, spec, skip)
+    psites = _param_sites(model, method, spec, by_name, cap)
     if spec.targets != ALL_LINEAR:
         bad = [n for n in select_sites(list(unreachable), spec, set())]
         if bad:
             raise AdapterError(f"cannot adapt {bad}: {unreachable[bad[0]]}. Fix: exclude {bad}")
-        if chosen:
+        if chosen or psites:
             _check_target_patterns(model, spec, set(by_name), chosen)
-    if not chosen:
+        else:  # nothing to adapt: a target naming stacked expert parameters (or their module) says why
+            _check_stacked_targets(model, spec)
+    if not chosen and not psites:
         raise _error_no_sites(spec, candidates, cap.failures)
+    if spec.targets == ALL_LINEAR or defaulted:
+        _warn_unadapted_parameters(model, spec, psites)
     for n in chosen:
         if n in tied:
             warnings.warn(f"{n}: {tied[n]}; the adapter runs correctly, but merge() will refuse this site "
@@ -276,9 +310,9 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     # validate every chosen site
     first = {n: by_name[n][0] for n in chosen}
     check_explicit_sites(model, method, list(first.values()))
-    _check_patterns_used(spec, chosen)
-    cfg_of = {n: spec.config_for(n) for n in chosen}
-    problems = []
+    _check_patterns_used(spec, [*chosen, *psites])
+    cfg_of = {n: spec.config_for(n) for n in [*chosen, *psites]}
+    problems = [f"{n}: {why}" for n in psites for why in [method.param_form.check(cfg_of[n])] if why]
     for n, s in first.items():
         why = None if s.kind in EXPLICIT_KINDS else method.check_site(cfg_of[n], s.in_features, s.out_features)
         if why:
@@ -309,7 +343,9 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
                 f"(suffixes such as 'classifier', or a regex), e.g. from model.named_modules()"
             )
         adapted = set(first) | ({c.site for _, _, c in site_adapters(model)} if st else set())
-        hosts = {s.host_path for s in firsts if s.name in adapted}
+        hosts = {s.host_path for s in firsts if s.name in adapted} | {s.host_path for s in psites.values()}
+        path_of = {id(m): n for n, m in model.named_modules()}
+        hosts |= {path_of[id(h)] for h, _, c in (site_adapters(model) if st else ()) if c.kind == "param"}
         clash = sorted({t for t in tmods for h in hosts if _overlaps(h, t)})
         if clash:
             raise AdapterError(
@@ -343,6 +379,11 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
                              adapter_dtype(w.dtype, autocast_adapter_dtype), w.device, sh, nm,
                              embedding_options(host) if s.kind == "embedding" else None,
                              conv_options(host) if s.kind == "conv" else None)
+    for n, s in psites.items():
+        w = s.weight(model)
+        new[n] = SiteAdapter(cfg_of[n], n, name, s.in_features, s.out_features,
+                             adapter_dtype(w.dtype, autocast_adapter_dtype), w.device,
+                             param=param_layout(model.get_submodule(s.host_path), w))
     no_bias = [n for n, s in first.items() if new[n].delta_bias() is not None
                and _site_bias(model.get_submodule(s.host_path), s) is None]
     if no_bias:  # PEFT warns here too: the adapter runs, but merge() will refuse those sites
@@ -350,7 +391,111 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
                       f"so these sites cannot be merged (merge() will refuse)", AdapterWarning, stacklevel=3)
     if placement is not None:
         _warm_start(new, shared, placement)
-    return AdaptPlan(name, spec, first, all_sites, dict(by_name), new, shared)
+    return AdaptPlan(name, spec, {**first, **psites}, all_sites, {**by_name, **{n: [] for n in psites}}, new, shared)
+
+
+def _peft_resolved(model: nn.Module, spec: AdapterSpec) -> AdapterSpec:
+    """The spec with PEFT's own target rewrite applied (``PeftFormat.resolve_targets``: PEFT 0.21
+    maps "all-linear" and v4 expert names on transformers-5 MoE models to target_parameters, with
+    rank/alpha patterns for fused experts), so that our sites are PEFT's. Regex targets and
+    placements are taken as written."""
+    fmt = method_for(spec.method).peft
+    if fmt is None or fmt.resolve_targets is None or spec.placement is not None:
+        return spec
+    if isinstance(spec.targets, str) and spec.targets != ALL_LINEAR:
+        return spec
+    got = fmt.resolve_targets(model, spec.method, spec.targets, spec.target_parameters)
+    if got is None:
+        return spec
+    targets, params, rank_add, alpha_add = got
+    if spec.targets is None and not params:
+        return spec  # PEFT raises here (no target at all); ours takes the default below
+    # PEFT adds its keys to the config's own patterns (after them; an equal key takes PEFT's value)
+    rank = {**(spec.rank_pattern or {}), **rank_add}
+    alpha = {**(spec.alpha_pattern or {}), **alpha_add}
+    return dataclasses.replace(spec, targets=ALL_LINEAR if spec.targets == ALL_LINEAR else tuple(targets or ()),
+                               target_parameters=params or None, rank_pattern=rank or None, alpha_pattern=alpha or None)
+
+
+def _param_sites(model: nn.Module, method: Method, spec: AdapterSpec, by_name: Mapping[str, list[Site]],
+                 cap) -> dict[str, Site]:
+    """The parameter sites of ``spec.target_parameters``, every one checked (AdapterError naming the
+    parameter and the fix); the model is only read."""
+    if not spec.target_parameters:
+        return {}
+    found = match_parameters(model, spec.target_parameters)
+    names = [s.name for s in found]
+    if method.param_form is None:
+        have = sorted(n for n, m in registered_methods().items() if m.param_form is not None)
+        raise AdapterError(
+            f"{method.name}: cannot adapt parameter targets {names[:4] or list(spec.target_parameters)}: the method "
+            f"has no form on a weight the module reads itself (e.g. [experts, out, in] MoE experts; PEFT adapts them "
+            f"with LoRA only). Methods that do: {have}. Fix: use LoRA for them, or remove target_parameters")
+    if not found:
+        stacked = stacked_parameters(model)
+        raise AdapterError(
+            f"target_parameters={list(spec.target_parameters)} matched no parameter of {type(model).__name__} "
+            f"(PEFT's rule: '<module>.<param>' equals a name or ends with '.<name>'). "
+            + (f"Stacked (3-D) parameters here: {stacked[:6]}" if stacked else "It has no 3-D (stacked expert) parameter"))
+    for t in spec.target_parameters:
+        if not any(param_targeted(n, (t,)) for n in names):
+            warnings.warn(f"target_parameters entry {t!r} matched no parameter of {type(model).__name__}; check the "
+                          f"spelling", AdapterWarning, stacklevel=4)
+    weights = {(s.host_path, s.weight_attr): n for n, occ in by_name.items() for s in occ[:1] if s.kind != "param"}
+    units = [u for u in cap.units if not u.is_site]
+    problems = []
+    for s in found:
+        host = model.get_submodule(s.host_path)
+        p = getattr(host, s.weight_attr)
+        rel = None
+        if p.dim() not in (2, 3):
+            problems.append(f"{s.name} is {p.dim()}-D: parameter targets must be 2-D [out, in] or 3-D "
+                            f"[experts, out, in] (as PEFT's)")
+        elif not s.host_path:
+            problems.append(f"{s.name} is registered on the top-level module, which cannot host its adapter (PEFT "
+                            f"refuses it too); wrap the model or move the parameter into a submodule")
+        elif is_site_module(host) or (s.host_path, s.weight_attr) in weights:
+            site = weights.get((s.host_path, s.weight_attr), s.host_path)
+            problems.append(f"{s.name} is the weight of the linear site {site!r} ({type(host).__name__}); adapt it "
+                            f"as a module: targets=[{site!r}] instead of target_parameters")
+        elif builtin_layer(host):
+            problems.append(f"{s.name} belongs to the torch.nn layer {s.host_path!r} ({type(host).__name__}), whose "
+                            f"forward is not a per-expert linear; parameter targets are for modules that read their "
+                            f"own stacked or 2-D weights (MoE experts, routers)")
+        elif not p.is_floating_point():
+            problems.append(f"{s.name} is {p.dtype}; only floating-point parameters can take a delta")
+        else:
+            for u in units:
+                if u.path and not s.host_path.startswith(u.path + "."):
+                    continue
+                rel = s.host_path[len(u.path) + 1:] if u.path else s.host_path
+                if not any(n.op == "call_module" and n.target == rel for n in u.graph.nodes):
+                    problems.append(f"{s.name}: its module {s.host_path!r} is traced into the graph of "
+                                    f"{u.path or '<root>'!r}, which would bypass the adapter; target a parameter of "
+                                    f"a module that is called as a module")
+                    break
+    if problems:
+        raise AdapterError("cannot adapt target_parameters:\n  " + "\n  ".join(problems))
+    return {s.name: s for s in found}
+
+
+def _warn_unadapted_parameters(model: nn.Module, spec: AdapterSpec, psites: Mapping[str, Site]) -> None:
+    """"all-linear" and default targets reach linear calls only: name the stacked (3-D) expert
+    parameters, and the 2-D weights their routers read inside untraced forwards, that stay unadapted."""
+    left = [k for k in stacked_parameters(model) if k not in psites]
+    if not left:
+        return
+    owners = {k.rpartition(".")[0].rpartition(".")[0] for k in left}  # the MoE blocks (experts' parents)
+    routers = [k for k, path, _, p in parameter_keys(model) if p.dim() == 2 and k not in psites
+               and path.rpartition(".")[0] in owners and not is_site_module(model.get_submodule(path))
+               and not any(True for _ in model.get_submodule(path).children())]
+    fix = sorted({k.rpartition(".")[2] for k in left}) + sorted({".".join(r.split(".")[-2:]) for r in routers})
+    what = "all-linear" if spec.targets == ALL_LINEAR else f"the default targets {list(spec.targets)}"
+    warnings.warn(
+        f"{what} left {len(left)} stacked expert parameter(s) unadapted, e.g. {left[:3]}"
+        + (f", and router weight(s) read inside untraced forwards, e.g. {routers[:2]}" if routers else "")
+        + f": they are not linear layers. Fix: AdapterSpec(..., target_parameters={fix}) (LoRA)",
+        AdapterWarning, stacklevel=4)
 
 
 def embedding_options(emb: nn.Embedding) -> dict:
@@ -444,7 +589,11 @@ def apply_plan_(model: nn.Module, plan: AdaptPlan) -> nn.Module:
         host = model.get_submodule(s.host_path)
         cont = getattr(host, s.host_attr, None)
         if not isinstance(cont, SiteAdapterSet):
-            cont = SiteAdapterSet(n, s.kind, s.weight_attr, s.in_features, s.out_features)
+            if s.kind == "param":  # the host's own forward reads W + dW (hooks), no graph to rewrite
+                cont = ParamAdapterSet(n, s.weight_attr, s.in_features, s.out_features)
+                cont.attach_(host)
+            else:
+                cont = SiteAdapterSet(n, s.kind, s.weight_attr, s.in_features, s.out_features)
             cont.__dict__["_routing"] = st.routing
             host.add_module(s.host_attr, cont)
             fresh_units |= {x.unit.path for x in plan.occurrences[n]}
@@ -759,7 +908,9 @@ def unload(model: nn.Module) -> nn.Module:
 
 def _remove_all(model: nn.Module, st: ModelState) -> None:
     rows.remove_(model)
-    for host, attr, _ in list(site_adapters(model)):
+    for host, attr, cont in list(site_adapters(model)):
+        if isinstance(cont, ParamAdapterSet):
+            cont.detach_(host)
         delattr(host, attr)
     if hasattr(model, SHARED_ATTR):
         delattr(model, SHARED_ATTR)

@@ -31,7 +31,8 @@ from .methods import method_for, registered_methods
 from .methods.registry import ANY
 from .passes.capture import capture, is_conv_site
 from .passes.match import EXPLICIT_KINDS, match
-from .spec import AdapterSpec, exact_targets, select_modules
+from .passes.params import match_parameters, parameter_keys
+from .spec import AdapterSpec, exact_targets, param_targeted, select_modules
 from .copies import checkpoint_params
 from .state import (merged_sites, split_trainable_key, trainable_key, require_state, shared_key, shared_of, site_adapters, site_key, state_of,
                     owned_params, trainable_params)
@@ -127,6 +128,8 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
     embedding_sites = {c.site for _, _, c in site_adapters(model) if c.kind == "embedding"}
     # PEFT stores a conv site's factors as conv weights (LoRA: A [r, C_in, *k], B [out, r, 1, ...])
     kernels = {c.site: tuple(host.kernel_size) for host, _, c in site_adapters(model) if c.kind == "conv"}
+    param_sites = [c.site for _, _, c in site_adapters(model) if c.kind == "param" and c.site in sites]
+    module_of = _peft_param_modules(model, param_sites)
     out = {}
     for site in sites:
         for param, suffix in (embedding_to_peft if site in embedding_sites else ours_to_peft).items():
@@ -135,7 +138,7 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
                 t = tensors.pop(key)
                 if site in kernels and fmt.conv_shape is not None:
                     t = t.reshape(fmt.conv_shape(param, tuple(t.shape), kernels[site]))
-                out[f"base_model.model.{site}.{suffix}"] = t
+                out[f"base_model.model.{module_of.get(site, site)}.{suffix}"] = t
     # trainable modules: PEFT's modules_to_save, stored under the module's own name; biases of
     # the bias= option under their parameter's name (PEFT's base_layer.bias where PEFT wraps a site)
     modules = set()
@@ -156,9 +159,26 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
            "fan_in_fan_out": False, "modules_to_save": sorted(modules) or None, "layers_to_transform": None,
            "layers_pattern": None,
            "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
-           "target_modules": exact_targets(sites), **fmt.write_config(spec.method),
+           "target_modules": exact_targets(s for s in sites if s not in module_of) if len(module_of) < len(sites)
+           else [],  # no module targets: [] (an empty regex would match PEFT's root module)
+           **fmt.write_config(spec.method),
            **patterns}  # PEFT matches rank/alpha patterns by the same rule as ours
+    if module_of:
+        cfg["target_parameters"] = sorted(module_of)
     return out, cfg
+
+
+def _peft_param_modules(model: nn.Module, params: Sequence[str]) -> dict[str, str]:
+    """Parameter site -> PEFT's module key for its ``ParamWrapper``: the wrappers of one module nest
+    in the order its parameters were registered, the first innermost, and each level inside adds
+    ``.base_layer`` (e.g. ``experts.base_layer`` for gate_up_proj under ``experts`` for down_proj)."""
+    by_host: dict[str, list[str]] = defaultdict(list)
+    wanted = set(params)
+    for key, path, _, _ in parameter_keys(model):
+        if key in wanted:
+            by_host[path].append(key)
+    return {key: path + ".base_layer" * (len(keys) - 1 - i) for path, keys in by_host.items()
+            for i, key in enumerate(keys)}
 
 
 PREV_SUFFIX = ".prev"
@@ -268,6 +288,8 @@ def _read_json(file: Path) -> dict:
 def _expected(model: nn.Module, spec: AdapterSpec, sites: list[str]) -> tuple[dict[str, tuple], dict[str, list[str]]]:
     """Tensor key -> shape the model needs for ``spec`` at ``sites``; and the groups."""
     by_name = {s.name: s for s in match(capture(model), explicit=True)}
+    if spec.target_parameters:
+        by_name.update({s.name: s for s in match_parameters(model, spec.target_parameters)})
     missing = [s for s in sites if s not in by_name]
     if missing:
         raise AdapterError(
@@ -285,6 +307,13 @@ def _expected(model: nn.Module, spec: AdapterSpec, sites: list[str]) -> tuple[di
     for s in sites:
         site = by_name[s]
         cfg = spec.config_for(s)
+        if site.kind == "param":
+            if m.param_form is None:
+                raise AdapterError(f"{s}: {m.name} cannot adapt a parameter target")
+            experts = site.weight(model).shape[0] if site.weight(model).dim() == 3 else 1
+            for p, shp in m.param_form.shapes(cfg, site.in_features, site.out_features, experts).items():
+                shapes[site_key(s, p)] = tuple(shp)
+            continue
         why = None if site.kind in EXPLICIT_KINDS else m.check_site(cfg, site.in_features, site.out_features)
         if why:
             raise AdapterError(f"{s}: {why}")
@@ -482,6 +511,17 @@ def _check_base_copies(model: nn.Module, copies: Mapping[str, torch.Tensor], sou
                                f"it was trained on, or copy that weight in first")
 
 
+def _peft_param_names(model: nn.Module, c: dict, source: Path) -> dict[str, str]:
+    """PEFT wrapper module key -> parameter site, for the config's ``target_parameters``."""
+    tp = c.get("target_parameters") or ()
+    if isinstance(tp, str) or not all(isinstance(t, str) and t for t in tp):
+        raise AdapterError(f"{source / CONFIG_NAME}: target_parameters must be a list of parameter names, got {tp!r}")
+    if not tp:
+        return {}
+    keys = [k for k, _, _, p in parameter_keys(model) if param_targeted(k, tuple(tp))]
+    return {module: key for key, module in _peft_param_modules(model, keys).items()}
+
+
 def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "default", *,
                       is_trainable: bool | None = None, activate: bool | None = None,
                       autocast_adapter_dtype: bool = True) -> nn.Module:
@@ -539,8 +579,17 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
                                       if to_save else ""))
             tensors[trainable_key(module, k[len(module) + 1:])] = t
     _check_base_copies(model, base_copies, peft_dir)
+    params = _peft_param_names(model, c, peft_dir)
+    for module, site in params.items():  # PEFT keys a parameter's LoRA by its (nested) wrapper module
+        if module in sites:
+            sites[sites.index(module)] = site
+            for ours in set(suffixes.values()):
+                if site_key(module, ours) in tensors:
+                    tensors[site_key(site, ours)] = tensors.pop(site_key(module, ours))
     try:
-        spec = AdapterSpec(cfg, tuple(sites), rank_pattern=c.get("rank_pattern") or None,
+        spec = AdapterSpec(cfg, tuple(s for s in sites if s not in params.values()),
+                           target_parameters=tuple(s for s in sites if s in params.values()) or None,
+                           rank_pattern=c.get("rank_pattern") or None,
                            alpha_pattern=c.get("alpha_pattern") or None,
                            trainable=tuple(sorted(saved)) if saved else None, bias=bias)
     except AdapterError as e:

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import AdapterError, AdapterWarning
 from .methods import MethodConfig, method_for
 
-__all__ = ["SiteAdapter", "SiteAdapterSet", "SharedTensors", "RowRouting", "ANNOTATION_KEY", "ROLE_KEY", "GATE",
+__all__ = ["SiteAdapter", "SiteAdapterSet", "ParamAdapterSet", "SharedTensors", "RowRouting", "ANNOTATION_KEY", "ROLE_KEY", "GATE",
            "BASE_ROW"]
 
 #: Keys of the ``torch.fx.traceback.annotate`` dicts that mark adapter nodes. They
@@ -65,26 +65,35 @@ class SiteAdapter(nn.Module):
 
     def __init__(self, cfg: MethodConfig, site: str, adapter: str, in_f: int, out_f: int,
                  dtype: torch.dtype, device: torch.device, shared: SharedTensors | None = None,
-                 n_members: int = 1, embedding: dict | None = None, conv: dict | None = None) -> None:
+                 n_members: int = 1, embedding: dict | None = None, conv: dict | None = None,
+                 param: dict | None = None) -> None:
         super().__init__()
         m = method_for(cfg)
         if embedding is not None and m.embed is None:
             raise AdapterError(f"{site}: method {cfg.name!r} cannot adapt an nn.Embedding")
         if conv is not None and m.conv is None:
             raise AdapterError(f"{site}: method {cfg.name!r} cannot adapt an nn.Conv1d/2d/3d")
+        if param is not None and m.param_form is None:
+            raise AdapterError(f"{site}: method {cfg.name!r} cannot adapt a parameter target")
         #: the site's F.embedding options when it is an nn.Embedding (the delta then takes ids), and
         #: the scale its (subclass's) forward multiplies the lookup by (PEFT scales the delta by it too)
         self.embedding = None if embedding is None else {k: v for k, v in embedding.items() if k != "scale"}
         self.embed_scale = None if embedding is None else embedding.get("scale")
         #: the site's kernel_size / stride / padding when it is an nn.Conv1d/2d/3d (x: [N, C, *spatial])
         self.conv = None if conv is None else dict(conv)
+        #: a parameter site's layout ({"experts", "ndim", "transposed"}; passes/params.py): the delta is a weight
+        self.param = None if param is None else {k: param[k] for k in ("experts", "ndim", "transposed")}
         self._cfg_key, cfg = _interned(cfg)
         self.cfg, self.site, self.adapter = cfg, site, adapter
         self.in_features, self.out_features, self.n_members = in_f, out_f, n_members
-        for name, shape in m.shapes(cfg, in_f, out_f, n_members).items():
+        shapes = (m.shapes(cfg, in_f, out_f, n_members) if param is None
+                  else m.param_form.shapes(cfg, in_f, out_f, param["experts"]))
+        for name, shape in shapes.items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype, device=device)))
         with torch.no_grad():
-            if embedding is not None:
+            if param is not None:
+                m.param_form.init(cfg, dict(self.named_parameters()), param["experts"])
+            elif embedding is not None:
                 try:
                     m.embed_init(cfg, dict(self.named_parameters()))
                 except AdapterError as e:
@@ -102,6 +111,8 @@ class SiteAdapter(nn.Module):
             self._tag["embedding"] = True
         if conv is not None:
             self._tag["conv"] = True
+        if param is not None:  # likewise W + dW of a parameter site
+            self._tag["param"] = True
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("conv", None)  # pickled before conv sites existed
@@ -145,13 +156,34 @@ class SiteAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """dW [out, in] such that forward(x) == x @ dW.T + delta_bias() (without dropout); at a conv
-        site the conv weight's delta flattened to [out, C_in * prod(kernel_size)]."""
+        site the conv weight's delta flattened to [out, C_in * prod(kernel_size)]; at a parameter
+        site, dW in the parameter's own layout (W + dW is what the host reads)."""
+        if self.param is not None:
+            return self.weight_delta()
         return method_for(self.cfg).delta_weight(self.tensors(), self.cfg)
 
     def delta_bias(self) -> torch.Tensor | None:
         """The delta's constant term [out] (what merging adds to the base bias), or None."""
         f = method_for(self.cfg).delta_bias
-        return None if f is None else f(self.tensors(), self.cfg)
+        return None if f is None or self.param is not None else f(self.tensors(), self.cfg)
+
+    def weight_delta(self, gate: torch.Tensor | None = None, slot: int = 0) -> torch.Tensor:
+        """A parameter site's dW in the parameter's layout ([out, in], [experts, out, in] or, for an
+        ``is_transposed`` host, [experts, in, out]); ``gate`` as in :meth:`forward`."""
+        with fx_traceback.annotate({ANNOTATION_KEY: {**self._tag, "slot": slot}, ROLE_KEY: "delta"}):
+            cfg = _CONFIGS[self._cfg_key]
+            w = self.tensors()
+            method = method_for(cfg)
+            if gate is not None:
+                for k in method.scale_params:
+                    if k in w:
+                        w[k] = w[k] * gate
+            d = method.param_form.delta_weight(w, cfg, self.param["experts"])  # [experts, out, in]
+            if gate is not None and not any(k in w for k in method.scale_params):
+                d = d * gate
+            if self.param["ndim"] == 2:
+                return d[0]
+            return d.transpose(-1, -2) if self.param["transposed"] else d
 
     def extra_repr(self) -> str:
         return f"{self.cfg!r}, site={self.site!r}"
@@ -337,3 +369,74 @@ class SiteAdapterSet(nn.ModuleDict):
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, active={self.active}, merged={self.merged}"
+
+
+class ParamAdapterSet(SiteAdapterSet):
+    """All adapters of one targeted parameter W of a host module (PEFT's ``target_parameters``).
+
+    No graph calls it: a forward pre-hook on the host puts ``W + sum of the running deltas`` in
+    place of W for the host's own forward (the host's class, code and ``state_dict`` keys stay),
+    and a forward hook that always runs (also when the forward raises) puts W back. Gradients
+    reach the adapters through the substituted tensor; W itself stays the frozen parameter.
+    Switches, gate and merge state are :class:`SiteAdapterSet`'s: disabled in eager runs W
+    untouched; under torch.compile the gate multiplies the delta (no recompile), and the sum
+    is tagged so that the backend counts it (``skipped_<method>``: it stays reference math).
+    """
+
+    def __init__(self, site: str, weight_attr: str, in_f: int, out_f: int) -> None:
+        super().__init__(site, "param", weight_attr, in_f, out_f)
+
+    def attach_(self, host: nn.Module) -> None:
+        host.register_forward_pre_hook(self._swap_in)
+        host.register_forward_hook(self._swap_out, always_call=True)
+
+    def detach_(self, host: nn.Module) -> None:
+        for hooks in (host._forward_pre_hooks, host._forward_hooks):
+            for k in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
+                del hooks[k]
+                host._forward_hooks_always_called.pop(k, None)
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        """W plus the running adapters' deltas (W itself when none runs)."""
+        if torch.compiler.is_dynamo_compiling():
+            gate = self._buffers[GATE]
+        else:
+            if self._disabled:
+                return w
+            gate = None
+        if self._merged and self.training and torch.is_grad_enabled():
+            warnings.warn(f"{self.site}: adapter(s) {list(self._merged)} are merged into the base weight, so training "
+                          f"does not update them; call peftcompile.unmerge(model) before training",
+                          AdapterWarning, stacklevel=3)
+        for slot, a in enumerate(self._running):
+            d = a.weight_delta(gate, slot)
+            with fx_traceback.annotate({ANNOTATION_KEY: {**a._tag, "slot": slot}, ROLE_KEY: "add"}):
+                w = w + d.to(w.dtype)
+        return w
+
+    def _swap_in(self, host: nn.Module, args) -> None:
+        routing = self._routing  # checked up front by rows.check_adapter_names; this is the backstop
+        if routing is not None and routing.names is not None and len(self):
+            raise AdapterError(f"{self.site}: a parameter target cannot run a mixed-adapter batch (adapter_names=...): "
+                               f"the whole batch reads one weight (PEFT's ParamWrapper refuses it too). Fix: one batch "
+                               f"per adapter with peftcompile.set_active")
+        if not self._running:
+            return
+        w = host._parameters[self.weight_attr]
+        new = self.weight(w)
+        if new is not w:
+            self.__dict__["_held"] = w
+            host._parameters[self.weight_attr] = new
+
+    def _swap_out(self, host: nn.Module, args, out) -> None:
+        held = self.__dict__.pop("_held", None)
+        if held is not None:
+            host._parameters[self.weight_attr] = held
+
+    def forward(self, *args, **kwargs):
+        raise AdapterError(f"{self.site}: a parameter site's adapters run through its host's forward, not on their own")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_held", None)  # only held during one forward
+        return state

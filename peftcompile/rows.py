@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import AdapterError, AdapterTypeError
 from .modules import BASE_ROW, refuse_compiled_rows
-from .state import merged_sites, owned_by, require_state, state_of
+from .state import merged_sites, owned_by, require_state, site_adapters, state_of
 
 __all__ = ["check_adapter_names", "install_", "remove_", "MixedBatchGenerate", "BASE_ROW"]
 
@@ -53,6 +53,12 @@ def check_adapter_names(model: nn.Module, names: object, batch: int | None) -> t
     if unknown:
         raise AdapterError(f"adapter_names: unknown adapter(s) {unknown}; this model has {sorted(st.specs)}. Pass "
                            f"those names, or '{BASE_ROW}' for rows without an adapter")
+    params = sorted(c.site for _, _, c in site_adapters(model) if c.kind == "param" and len(c))
+    if params:
+        raise AdapterError(f"adapter_names: this model has parameter targets (target_parameters) at {params[:3]}, "
+                           f"whose module reads one weight for the whole batch, so rows cannot use different adapters "
+                           f"(PEFT's ParamWrapper refuses mixed batches too). Fix: one batch per adapter with "
+                           f"peftcompile.set_active(model, name)")
     merged = merged_sites(model)
     if merged:
         raise AdapterError(f"adapter_names: adapters are merged into the base weights at {merged[:3]}, so every row "

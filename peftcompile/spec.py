@@ -18,7 +18,7 @@ from .errors import AdapterError, AdapterTypeError
 from .methods import MethodConfig, config_from_dict, method_for
 
 __all__ = ["AdapterSpec", "Placement", "Targets", "select_modules", "select_sites", "exact_targets",
-           "default_targets", "layer_index"]
+           "default_targets", "layer_index", "param_targeted"]
 
 Targets = Union[str, Sequence[str]]
 ALL_LINEAR = "all-linear"
@@ -66,6 +66,12 @@ class AdapterSpec:
     layers_to_transform / layers_pattern: PEFT's layer filter: keep only sites whose layer
     index (the number after ``layers_pattern``, e.g. ``"layers"``; by default the first
     ``.<name>.<number>.`` in the site name) is in ``layers_to_transform`` (an int or ints).
+    target_parameters: names of parameters that a module uses itself (PEFT's
+    ``target_parameters``), e.g. ``["gate_up_proj", "down_proj"]`` for transformers-5 MoE
+    experts stored as [experts, out, in] tensors, or a router's 2-D ``"gate.weight"``: the
+    key ``<module>.<param>`` is selected when it equals a name or ends with ``.<name>``
+    (PEFT's rule; ``exclude`` and the layer filters do not apply to them, as in PEFT). The
+    module's own forward then runs on ``W + dW`` (one LoRA pair per expert). LoRA only.
     task_type: PEFT's task type; ``"SEQ_CLS"`` / ``"TOKEN_CLS"`` add the heads PEFT adds to
     ``modules_to_save`` (``classifier``, ``score``) and ``"QUESTION_ANS"`` adds ``qa_outputs``
     to ``trainable``; the other task types add nothing.
@@ -87,6 +93,7 @@ class AdapterSpec:
     layers_pattern: str | Sequence[str] | None = None
     task_type: str | None = None
     bias: str | None = None
+    target_parameters: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, MethodConfig):
@@ -96,6 +103,11 @@ class AdapterSpec:
             )
         object.__setattr__(self, "targets", _norm(self.targets, "targets"))
         object.__setattr__(self, "exclude", _norm(self.exclude, "exclude"))
+        if isinstance(self.target_parameters, str):
+            raise AdapterTypeError(f"AdapterSpec.target_parameters must be a list of parameter names (PEFT's rule: no "
+                                   f"regex), got the string {self.target_parameters!r}; pass "
+                                   f"[{self.target_parameters!r}]")
+        object.__setattr__(self, "target_parameters", _norm(self.target_parameters, "target_parameters") or None)
         object.__setattr__(self, "trainable", _with_task_heads(_norm(self.trainable, "trainable"), self.task_type))
         object.__setattr__(self, "task_type", getattr(self.task_type, "value", self.task_type))
         for t in (self.targets, self.exclude, self.trainable):
@@ -168,8 +180,11 @@ class AdapterSpec:
 
     def restricted(self, sites: Iterable[str], placement: "Placement | None" = None) -> "AdapterSpec":
         """This spec at exactly ``sites`` (patterns and trainable kept; target filters spent)."""
-        return dataclasses.replace(self, targets=exact_targets(sites), exclude=None, placement=placement,
-                                   layers_to_transform=None, layers_pattern=None)
+        sites = list(sites)
+        params = tuple(s for s in sites if param_targeted(s, self.target_parameters)) if self.target_parameters else ()
+        return dataclasses.replace(self, targets=exact_targets(s for s in sites if s not in params), exclude=None,
+                                   placement=placement, layers_to_transform=None, layers_pattern=None,
+                                   target_parameters=params or None)
 
     def to_dict(self) -> dict:
         d = {"method": self.method.to_dict(), "targets": _json_targets(self.targets),
@@ -194,7 +209,8 @@ class AdapterSpec:
                    trainable=d.get("trainable"), **{k: d.get(k) for k in _OPTIONAL})
 
 
-_OPTIONAL = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "task_type", "bias")
+_OPTIONAL = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "task_type", "bias",
+             "target_parameters")
 
 #: AdapterSpec.bias values (PEFT's ``bias``) -> the stored form
 BIAS_OPTIONS = {None: None, "none": None, "all": "all", "lora_only": "lora_only"}
@@ -238,6 +254,11 @@ def _norm_layers(v: object) -> tuple[int, ...] | None:
         raise AdapterTypeError(f"AdapterSpec.layers_to_transform must be a layer index or a non-empty list of "
                                f"indices (ints >= 0), got {v!r}")
     return vals
+
+
+def param_targeted(key: str, names: Sequence[str]) -> bool:
+    """PEFT's rule for a parameter key ``<module>.<param>`` and ``target_parameters``."""
+    return key in names or any(key.endswith(f".{t}") for t in names)
 
 
 def pattern_matches(pattern: str, site: str) -> bool:

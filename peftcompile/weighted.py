@@ -56,6 +56,12 @@ def _check_args(model: nn.Module, adapters: Sequence[str], weights: Sequence[flo
         # PEFT returns silently here, leaving the old adapter: a surprise, so we refuse
         raise AdapterError(f"add_weighted_adapter: an adapter named {name!r} exists; pick a new name or "
                            f"delete_adapter(model, {name!r}) first")
+    params = sorted(c.site for _, _, c in site_adapters(model) if c.kind == "param" and any(a in c for a in adapters))
+    if params:
+        raise AdapterError(f"add_weighted_adapter: adapters {[a for a in adapters if st.specs[a].target_parameters]} "
+                           f"adapt parameters (target_parameters) at {params[:3]}, which cannot be combined (PEFT: "
+                           f"'add_weighted_adapter does not support targeting nn.Parameter'). Fix: combine adapters "
+                           f"without target_parameters")
     if combination_type in _PEFT_ONLY:
         raise AdapterError(f"add_weighted_adapter: combination_type={combination_type!r} (PEFT's TIES/DARE/magnitude "
                            f"pruning) is not implemented; use one of {list(COMBINATIONS)}")

@@ -154,6 +154,13 @@ class DiffoRASearch:
             adapt(self.model, self.spec, name)
         except AdapterError as e:
             raise AdapterError(f"DiffoRA search: cannot attach the candidate adapters: {e}") from None
+        params = [c.site for _, _, c in site_adapters(self.model) if c.kind == "param" and name in c]
+        if params:  # their SiteAdapters are never called: the gates' forward hooks would never scale them
+            raise AdapterError(
+                f"DiffoRA search: cannot gate parameter sites {params[:4]} (target_parameters, or PEFT's all-linear "
+                f"on a transformers-5 MoE model): their delta is added to a weight, not to a call's output. Fix: "
+                f"search the linear sites (targets= a list or regex of linear site names), then adapt the parameters "
+                f"with their own spec")
         if prev_active:  # keep the model computing what the user's model computes
             set_active(self.model, (*prev_active, name))
             for _, _, cont in site_adapters(self.model):

@@ -584,10 +584,14 @@ def _adapter_defaults_(g: Any, model: nn.Module, name: str, keys: list[str], ad_
         # torch.export specialized a rank axis (a size-1 pool, say): zero rank would
         # be rejected by the graph, so fall back to full-shape zeros.
         zero_rank = False
+    # parameter sites (target_parameters) take full-shape zeros: their rank axis is rank x experts, and a
+    # zero-size expert reshape crashed onnxruntime (SIGFPE) in our test
+    full = {site_key(c.site, p) for _, _, c in site_adapters(model) if c.kind == "param" and name in c
+            for p in c[name]._parameters}
     zeros = {}
     for k, t in zip(keys, ad_tensors):
         shape = list(t.shape)
-        for ax in ranks[k] if zero_rank else ():
+        for ax in ranks[k] if zero_rank and k not in full else ():
             shape[ax] = 0
         zeros[k] = torch.zeros(shape, dtype=t.dtype)
     ok = _defaults_are_zero(model, name, zeros)

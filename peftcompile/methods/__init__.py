@@ -1,6 +1,6 @@
 """Adapter methods: one package per method, each registering itself with the registry."""
 
-from .registry import (Lowering, Method, MethodConfig, PeftFormat, config_from_dict, get_method, method_for,
+from .registry import (Lowering, Method, MethodConfig, ParamForm, PeftFormat, config_from_dict, get_method, method_for,
                        register_method, registered_methods, unregister_method)
 from .lora import LoRA
 from .gralora import GraLoRA
@@ -14,6 +14,7 @@ __all__ = [
     "MethodConfig",
     "Lowering",
     "PeftFormat",
+    "ParamForm",
     "LoRA",
     "GraLoRA",
     "RaSA",

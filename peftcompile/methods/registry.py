@@ -25,6 +25,7 @@ __all__ = [
     "Method",
     "Lowering",
     "PeftFormat",
+    "ParamForm",
     "register_method",
     "unregister_method",
     "get_method",
@@ -115,6 +116,9 @@ class Method:
         ``kernel_size``, ``stride`` and ``padding`` (dilation 1, groups 1 and zero padding are
         checked before). Optional: a method without it refuses conv targets. ``delta_weight``
         gives dW [out, C_in * prod(k)] (W += dW.view(W.shape)).
+    param_form: the method on a parameter the host module uses itself (``AdapterSpec.target_parameters``,
+        e.g. MoE experts stored as one [experts, out, in] tensor): see :class:`ParamForm`.
+        Optional: a method without it refuses parameter targets.
     """
 
     name: str
@@ -140,6 +144,7 @@ class Method:
     embed_init: Callable[..., None] | None = None
     delta_bias: Callable[..., "torch.Tensor | None"] | None = None
     conv: Callable[..., torch.Tensor] | None = None
+    param_form: "ParamForm | None" = None
 
     @property
     def shares(self) -> bool:
@@ -201,6 +206,29 @@ class PeftFormat:
     #: ``nn.Conv1d/2d/3d`` site (ours is the linear-site shape; the values are the same, reshaped).
     #: None: the shapes are the same.
     conv_shape: Callable[[str, tuple, tuple], tuple] | None = None
+    #: PEFT's own target resolution on transformers models, where it differs from the names as
+    #: given (PEFT 0.21 maps "all-linear" and v4 expert names on Mixtral / Qwen-MoE to
+    #: ``target_parameters``): (model, cfg, targets, target_parameters) -> (targets,
+    #: target_parameters, rank_pattern additions, alpha_pattern additions), or None if unchanged.
+    resolve_targets: Callable[..., "tuple | None"] | None = None
+
+
+@dataclass(frozen=True)
+class ParamForm:
+    """A method on a targeted parameter W ([out, in], or [experts, out, in] for stacked MoE
+    experts; PEFT's ``ParamWrapper``): the host module's own forward runs on ``W + dW``.
+
+    shapes(cfg, in_f, out_f, experts) -> {param: shape}     (experts = 1 for a 2-D W)
+    init(cfg, params, experts) -> None                        (in place)
+    delta_weight(params, cfg, experts) -> dW [experts, out, in]
+    check(cfg) -> why this config cannot adapt a parameter, or None (e.g. dropout: W has no
+        input to drop out)
+    """
+
+    shapes: Callable[..., dict[str, tuple[int, ...]]]
+    init: Callable[..., None]
+    delta_weight: Callable[..., torch.Tensor]
+    check: Callable[..., "str | None"] = lambda cfg: None
 
 
 #: PeftFormat.options value: any value of that field is honoured (it does not change the math).

@@ -94,10 +94,13 @@ def site_features(m: nn.Module) -> tuple[int, int]:
 
 
 class Tracer(fx.Tracer):
-    """fx tracer that keeps linear sites (incl. Conv1D) as call_module leaves."""
+    """fx tracer that keeps linear sites (incl. Conv1D) as call_module leaves, and modules holding
+    stacked (3-D) parameters too: their forward must run as a call, where a parameter site's hooks
+    put W + dW in place (passes/params.py)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_site_module(m) or super().is_leaf_module(m, qualname)
+        stacked = any(p is not None and p.dim() == 3 for p in m._parameters.values())  # (torch.nn layers: leaves anyway)
+        return is_site_module(m) or stacked or super().is_leaf_module(m, qualname)
 
 
 @dataclass
@@ -222,6 +225,8 @@ def capture(model: nn.Module) -> Capture:
                 reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         failures[path] = reason
         for name, child in m.named_children():
+            if name.startswith("peftcompile"):  # our own adapter containers (on untraced hosts): never sites
+                continue
             visit(f"{path}.{name}" if path else name, child)
 
     visit("", model)

@@ -20,7 +20,8 @@ reference math) and is counted as skipped, with the reason logged at debug level
 
 Counters (``torch._dynamo.utils.counters["peftcompile"]``): ``fused_<method>`` per
 replaced region, ``skipped_<method>`` per region left as is (an ``nn.Embedding`` or ``nn.Conv1d/2d/3d``
-site's region always is: its delta is a lookup / two convolutions, kept as reference math).
+site's region always is: its delta is a lookup / two convolutions, kept as reference math; so is a
+parameter site's W + dW).
 """
 
 from __future__ import annotations
@@ -285,6 +286,8 @@ def _plan(region: Region) -> Plan:
         raise Skip("nn.Embedding site: its delta (an embedding lookup) stays reference math")
     if tag.get("conv"):
         raise Skip("nn.Conv1d/2d/3d site: its delta (two convolutions) stays reference math")
+    if tag.get("param"):
+        raise Skip("parameter site: W + dW is read by the module's own forward, it stays reference math")
     if lowering is None:
         raise Skip(f"method {tag['method']!r} registers no lowering")
     cfg = config_from_dict(json.loads(tag["config"]))

@@ -13,7 +13,8 @@ from ..lowrank import lowrank, lowrank_weight
 from ..registry import MethodConfig, Params, kaiming_
 
 __all__ = ["LoRA", "lora_delta", "lora_delta_weight", "lora_shapes", "lora_init", "lora_as_lora", "lora_delta_bias",
-           "lora_embed", "lora_embed_init", "lora_conv", "lora_conv_shape"]
+           "lora_embed", "lora_embed_init", "lora_conv", "lora_conv_shape", "lora_param_shapes", "lora_param_init",
+           "lora_param_delta_weight", "lora_param_check"]
 
 
 @dataclass(frozen=True)
@@ -156,3 +157,45 @@ def lora_conv(x: torch.Tensor, p: Params, cfg: LoRA, opts: dict) -> torch.Tensor
     z = conv(x, A.view(lora_conv_shape("lora_A", A.shape, k)), None, opts["stride"], opts["padding"])  # [N, r, *out]
     # lora_bias: PEFT's 1x1 conv B carries the bias, inside the scaling
     return conv(z, B.view(lora_conv_shape("lora_B", B.shape, k)), p.get("lora_B_bias")) * cfg.scaling  # [N, out, *out]
+
+
+# Parameter targets (PEFT's ``ParamWrapper``): one LoRA pair per expert of a stacked
+# W [experts, out, in], stored as PEFT stores them: A [r * experts, in] with expert e's rows
+# at e*r .. (e+1)*r (expert-major), B [out, r * experts] with expert e's columns at
+# e, e + experts, ... (rank-major: B.reshape(out, r, experts)[:, :, e]). A 2-D W is experts = 1.
+
+
+def lora_param_shapes(cfg: LoRA, in_f: int, out_f: int, experts: int = 1) -> dict[str, tuple[int, ...]]:
+    return {"lora_A": (cfg.r * experts, in_f), "lora_B": (out_f, cfg.r * experts)}
+
+
+def lora_param_init(cfg: LoRA, p: Params, experts: int = 1) -> None:
+    # PEFT: nn.Linear(in, r * experts)'s default init, or reset_lora_parameters' gaussian
+    if cfg.init_lora_weights == "gaussian":
+        torch.nn.init.normal_(p["lora_A"], std=1 / cfg.r)
+    else:
+        kaiming_(p["lora_A"])
+    if cfg.init_lora_weights is False:
+        kaiming_(p["lora_B"])
+    else:
+        torch.nn.init.zeros_(p["lora_B"])
+
+
+def lora_param_delta_weight(p: Params, cfg: LoRA, experts: int = 1) -> torch.Tensor:
+    """dW[e] = s * B_e @ A_e: [experts, out, in] (PEFT's einsum "o r e, e r i -> e o i")."""
+    a = p["lora_A"].reshape(experts, -1, p["lora_A"].shape[-1])  # [experts, r, in]
+    b = p["lora_B"].reshape(p["lora_B"].shape[0], -1, experts)  # [out, r, experts]
+    return torch.einsum("ore,eri->eoi", b, a) * cfg.scaling
+
+
+def lora_param_check(cfg: LoRA) -> str | None:
+    if cfg.dropout:
+        return (f"dropout={cfg.dropout} cannot apply to a parameter target: the delta is added to the weight, so there "
+                f"is no adapter input to drop out (PEFT's ParamWrapper refuses lora_dropout != 0 too). Use dropout=0")
+    if cfg.lora_bias:
+        return ("lora_bias=True cannot apply to a parameter target: its delta is a weight, with no output to add a bias "
+                "to (PEFT's ParamWrapper refuses it too). Use lora_bias=False")
+    if cfg.init_lora_weights == "orthogonal":
+        return ("init_lora_weights='orthogonal' is not offered at parameter targets (one orthogonal draw per stacked "
+                "expert pair is not PEFT's). Use True, False or 'gaussian'")
+    return None
