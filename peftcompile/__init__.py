@@ -6,7 +6,7 @@
 
 from .methods import GraLoRA, LoRA, RaSA
 from .spec import AdapterSpec, Placement
-from .errors import AdapterError
+from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .api import (
     adapt,
     adapters_of,
@@ -48,6 +48,8 @@ __all__ = [
     "AdapterSpec",
     "Placement",
     "AdapterError",
+    "AdapterTypeError",
+    "AdapterWarning",
     "adapt",
     "adapters_of",
     "disabled",
