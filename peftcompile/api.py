@@ -952,7 +952,8 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if root is not None:
         adapter_ids |= {id(t) for t in root.state_dict(keep_vars=True).values()}
     out = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if id(v) not in adapter_ids}
-    for sd_key, key in base_keys(model).items():
+    copied = base_keys(model)
+    for sd_key, key in copied.items():
         out[sd_key] = original(model, key).detach()  # not an adapter's trained values
     path_of = {id(m): n for n, m in model.named_modules()}
     for host, _, cont in site_adapters(model):
@@ -962,6 +963,9 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for n in reversed(cont.merged):
                 w = w - _delta_for(cont, n, w.shape)
             out[key] = w.to(out[key].dtype)
+            bkey = f"{path_of[id(host)]}.bias".lstrip(".")
+            if _site_bias(host, cont) is not None and bkey not in copied:  # lora_bias merged into the base bias
+                out[bkey] = _merged_bias(out[bkey], cont, tuple(reversed(cont.merged)), -1)
     return out
 
 

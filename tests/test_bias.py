@@ -131,6 +131,18 @@ def test_lora_bias_on_a_site_without_base_bias_warns_and_refuses_merge_untouched
     assert merged_sites(m) == [] and torch.equal(m(x), y)
 
 
+def test_base_model_state_dict_takes_a_merged_lora_bias_out_of_the_base_bias():
+    torch.manual_seed(0)
+    m = Net()
+    orig = {k: v.clone() for k, v in m.state_dict().items()}
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2, lora_bias=True), targets=["lin0", "lin2"]))
+    _randomize_(m)
+    pc.merge(m)
+    sd = pc.get_base_model_state_dict(m)
+    for k, v in orig.items():
+        torch.testing.assert_close(sd[k], v, atol=1e-6, rtol=1e-5, msg=lambda s: f"{k}: {s}")
+
+
 def test_lora_bias_is_fused_under_the_backend_and_gated_when_disabled():
     torch._dynamo.reset()
     counters.clear()
