@@ -76,7 +76,7 @@ class AdapterSpec:
     ``modules_to_save`` (``classifier``, ``score``) and ``"QUESTION_ANS"`` adds ``qa_outputs``
     to ``trainable``; the other task types add nothing.
     bias: PEFT's ``bias`` option: ``"all"`` trains every bias of the base model (PEFT's rule:
-    parameters named like ``bias``), ``"lora_only"`` the biases of the adapted sites'
+    parameters named ``bias``), ``"lora_only"`` the biases of the adapted sites'
     modules, ``"none"`` (or None, the default) none. Unlike PEFT, where those biases are
     shared by every adapter and stay trained when adapters are disabled, each adapter gets
     its own copy of them, as for ``trainable`` (so ``disabled()`` is the base model exactly).

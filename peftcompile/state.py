@@ -148,13 +148,14 @@ def trainable_params(model: nn.Module, patterns) -> dict[str, nn.Parameter]:
 
 def bias_params(model: nn.Module, bias: str | None, sites: Iterable[str]) -> dict[str, nn.Parameter]:
     """``trainable.<module>.bias`` for PEFT's ``bias`` option (a spec's ``bias``): "all": every
-    base parameter named like a bias (PEFT: ``"bias" in name``); "lora_only": the biases of
-    the adapted ``sites``' own modules; None: none."""
+    base parameter named ``bias`` (PEFT 0.21: ``n == "bias" or n.endswith(".bias")``; not
+    ``in_proj_bias`` or ``gate_up_proj_bias``); "lora_only": the biases of the adapted
+    ``sites``' own modules; None: none."""
     if bias is None:
         return {}
     if bias == "all":
         return {trainable_key(*n.rpartition(".")[::2]): p for n, p in model.named_parameters()
-                if "bias" in n.rpartition(".")[2] and not any(x.startswith(OURS) for x in n.split("."))}
+                if n.rpartition(".")[2] == "bias" and not any(x.startswith(OURS) for x in n.split("."))}
     out = {}
     for s in sites:
         try:

@@ -233,6 +233,38 @@ def state_of_spec(m: nn.Module):
     return state_of(m).specs["default"]
 
 
+class WithMHA(nn.Module):
+    """nn.MultiheadAttention's in_proj_bias is named like a bias, but PEFT 0.21's bias="all" trains
+    only parameters named ``bias``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(8, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.lin2 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin0(x)
+        return self.lin2(self.mha(h, h, h, need_weights=False)[0])
+
+
+def test_bias_all_trains_peft_s_set_and_loads_its_checkpoint_beside_in_proj_bias(tmp_path):
+    torch.manual_seed(0)
+    base = WithMHA()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["lin0"], bias="all"))
+    _randomize_(pm)
+    peft_trained = {n.removeprefix("base_model.model.").replace(".base_layer", "")
+                    for n, p in pm.named_parameters() if p.requires_grad and "lora_" not in n}
+    ours = pc.adapt(copy.deepcopy(base), pc.AdapterSpec(pc.LoRA(r=2), targets=["lin0"], bias="all"))
+    assert {n for n, p in ours.named_parameters() if p.requires_grad and "peftcompile" not in n} == peft_trained
+    pm.save_pretrained(tmp_path / "peft")
+    loaded = pc.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft")
+    x = torch.randn(2, 3, 8)
+    assert rel(loaded(x), pm(x)) <= 1e-5
+
+
 def test_bias_copies_are_per_adapter_and_disabled_is_the_base():
     torch.manual_seed(0)
     m = Net()
