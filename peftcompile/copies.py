@@ -58,6 +58,18 @@ def _get(model: nn.Module, owner: str | None, key: str) -> torch.Tensor:
     return getattr(_store(model, owner), require_state(model).copy_names[key][0])
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value; an FSDP2 shard (DTensor) is gathered (every rank calls: SPMD)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def _set(p: torch.Tensor, value: torch.Tensor) -> None:
+    """``p.copy_(value)`` for a whole ``value``; an FSDP2 shard keeps its own slice of it."""
+    from .distributed import copy_into_
+
+    copy_into_(p, value)
+
+
 def _param(model: nn.Module, key: str) -> nn.Parameter:
     _, module, pname = require_state(model).copy_names[key]
     return model.get_submodule(module).get_parameter(pname)
@@ -115,8 +127,8 @@ def sync_(model: nn.Module) -> None:
             if live == owner:
                 continue
             if live is not BASE and _store(model, live) is not None:
-                _get(model, live, key).copy_(p)
-            p.copy_(_get(model, owner, key))
+                _get(model, live, key).copy_(_full(p))
+            _set(p, _get(model, owner, key))
             st.live[key] = owner
 
 
@@ -146,7 +158,7 @@ def drop_copies_(model: nn.Module, name: str | None = None) -> None:
         if owner == name:  # its values leave with it: the original is back until the next sync picks an owner
             st.live[key] = BASE
             with torch.no_grad():
-                _param(model, key).copy_(_get(model, BASE, key))
+                _set(_param(model, key), _get(model, BASE, key))
 
 
 def base_keys(model: nn.Module) -> dict[str, str]:

@@ -74,6 +74,34 @@ def train_reference(method: str, out: Path) -> dict:
     return {"losses": losses, "logits": logits}
 
 
+def build_switch() -> torch.nn.Module:
+    """Two LoRA adapters that each train their own copy of the final norm (``trainable``)."""
+    torch.manual_seed(0)
+    m = tiny_llama()
+    for name in ("a", "b"):
+        pc.adapt(m, pc.AdapterSpec(METHODS["lora"], targets=["q_proj"], trainable=["model.norm"]), name)
+    return m.train()
+
+
+def switch_sequence(m: torch.nn.Module, runner, rank: int = 0, world: int = 1) -> dict:
+    """Train a, switch to b (whose norm copy is still the original), train b, back to a; the
+    losses and the probe logits of a, b and the base (each rank sees the same probe)."""
+    pc.set_active(m, "a")
+    la = train(m, runner, rank, world)
+    pc.set_active(m, "b")
+    lb = train(m, runner, rank, world)
+    out = {"losses_a": la, "losses_b": lb}
+    m.eval()
+    with torch.no_grad():
+        for name in ("a", "b"):
+            pc.set_active(m, name)
+            out[f"probe_{name}"] = m(input_ids=probe_ids()).logits.tolist()
+        with pc.disabled(m):
+            out["probe_base"] = m(input_ids=probe_ids()).logits.tolist()
+    m.train()
+    return out
+
+
 def shard(model: torch.nn.Module, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -168,6 +196,11 @@ def main() -> None:
             torch.save(logits, out / f"fsdp2-load-{method}.pt")
         pc.save_adapters(m, out / f"fsdp2-resave-{method}")
         dist.barrier()
+
+    # ---- switching adapters that train a module (per-adapter copies) on FSDP2 shards
+    m = build_switch()
+    shard(m, world)
+    res["fsdp2-switch"] = switch_sequence(m, m, rank, world)
 
     # ---- bad inputs
     pcd.RENDEZVOUS_TIMEOUT_S = 3.0

@@ -63,6 +63,8 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     torch.set_num_threads(1)
     ref = {m: W.train_reference(m, ref_dir) for m in W.METHODS}
+    m = W.build_switch()
+    ref["switch"] = W.switch_sequence(m, m)
     spawn([sys.executable, str(Path(W.__file__)), str(out), str(ref_dir)])
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return ref, ref_dir, out, ranks
@@ -90,6 +92,19 @@ def test_parity_with_single_process(runs, mode, method):
     ref_cfg = json.loads((ref_dir / method / "adapter_config.json").read_text())
     assert cfg.pop("weights_sha256") and ref_cfg.pop("weights_sha256")
     assert cfg == ref_cfg
+
+
+def test_switching_adapters_that_train_a_module_on_fsdp2_shards(runs):
+    """Each adapter's copy of a trainable module is swapped into the FSDP2 shards (every rank keeps its
+    slice; the outgoing values are gathered): same losses and outputs as one process."""
+    ref, _, _, ranks = runs
+    got, want = ranks[0]["fsdp2-switch"], ref["switch"]
+    assert ranks[1]["fsdp2-switch"] == got
+    for k in ("losses_a", "losses_b"):
+        assert got[k] == pytest.approx(want[k], rel=LOSS_RTOL), k
+    for k in ("probe_a", "probe_b", "probe_base"):
+        torch.testing.assert_close(torch.tensor(got[k]), torch.tensor(want[k]), atol=1e-5, rtol=1e-5, msg=k)
+    assert not torch.allclose(torch.tensor(got["probe_a"]), torch.tensor(got["probe_b"]), atol=1e-3)
 
 
 @pytest.mark.parametrize("method", list(W.METHODS))
