@@ -143,6 +143,22 @@ def test_base_model_state_dict_takes_a_merged_lora_bias_out_of_the_base_bias():
         torch.testing.assert_close(sd[k], v, atol=1e-6, rtol=1e-5, msg=lambda s: f"{k}: {s}")
 
 
+@pytest.mark.parametrize("fmt", ["peftcompile", "peft"])
+def test_saving_a_merged_lora_bias_adapter_that_trains_the_site_bias_keeps_the_bias_unmerged(tmp_path, fmt):
+    torch.manual_seed(0)
+    base = Net()
+    m = copy.deepcopy(base)
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2, lora_bias=True), targets=["lin0"], bias="lora_only"))
+    _randomize_(m)
+    x = x_()
+    y = m(x)
+    pc.merge(m)  # s * b_B now sits in lin0.bias, which this adapter trains (its copy is live)
+    pc.save_adapters(m, tmp_path / "ck", format=fmt)
+    load = pc.load_adapters if fmt == "peftcompile" else pc.load_peft_adapter
+    back = load(copy.deepcopy(base), tmp_path / "ck")
+    assert rel(back(x), y) <= 1e-5
+
+
 def test_lora_bias_is_fused_under_the_backend_and_gated_when_disabled():
     torch._dynamo.reset()
     counters.clear()
