@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -143,14 +143,18 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
     # the bias= option under their parameter's name (PEFT's base_layer.bias where PEFT wraps a site)
     modules = set()
     in_modules = trainable_params(model, spec.trainable)
+    # PEFT's wrappers per module: one at a module site, one ParamWrapper per targeted parameter
+    wraps = Counter({s: 1 for s in sites if s not in module_of})
+    wraps.update(s.rpartition(".")[0] for s in module_of)
     for key in list(tensors):
         module, param = split_trainable_key(key)
         if module is None:
             continue
         if key in in_modules:
             modules.add(module)
-        elif module in sites:
-            module += ".base_layer"
+        else:  # each wrapped module on the path adds its wrappers' .base_layer
+            parts = module.split(".")
+            module = ".".join(part + ".base_layer" * wraps[".".join(parts[:i + 1])] for i, part in enumerate(parts))
         out[f"base_model.model.{module}.{param}"] = tensors.pop(key)
     if tensors:
         raise AdapterError(f"adapter {name!r}: tensors {sorted(tensors)[:4]} have no PEFT key; save with the "
@@ -585,7 +589,8 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, name: str = "defau
             if module is None and bias != "none" and "bias" in k.rpartition(".")[2]:
                 # PEFT's bias="all"/"lora_only": the base biases it trained (base_layer.* where it wraps a site)
                 owner, _, param = k.rpartition(".")
-                tensors[trainable_key(owner.removesuffix(".base_layer"), param)] = t
+                owner = ".".join(part for part in owner.split(".") if part != "base_layer")  # PEFT's wrappers, nested
+                tensors[trainable_key(owner, param)] = t
                 continue
             if module is None:
                 raise AdapterError(f"{peft_dir}: unexpected tensor {key!r} for PEFT type {ptype}"

@@ -18,13 +18,13 @@ are the only walks that build these keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from torch import nn
 
 from .errors import AdapterError
 from .modules import RowRouting, SharedTensors, SiteAdapterSet
-from .spec import AdapterSpec, select_modules
+from .spec import AdapterSpec, param_targeted, select_modules
 
 __all__ = [
     "ModelState",
@@ -146,11 +146,13 @@ def trainable_params(model: nn.Module, patterns) -> dict[str, nn.Parameter]:
     return {trainable_key(n, p): t for n in names for p, t in model.get_submodule(n).named_parameters()}
 
 
-def bias_params(model: nn.Module, bias: str | None, sites: Iterable[str]) -> dict[str, nn.Parameter]:
+def bias_params(model: nn.Module, bias: str | None, sites: Iterable[str],
+                target_parameters: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
     """``trainable.<module>.bias`` for PEFT's ``bias`` option (a spec's ``bias``): "all": every
     base parameter named ``bias`` (PEFT 0.21: ``n == "bias" or n.endswith(".bias")``; not
     ``in_proj_bias`` or ``gate_up_proj_bias``); "lora_only": the biases of the adapted
-    ``sites``' own modules; None: none."""
+    ``sites``' own modules (a parameter site's, of ``target_parameters``: its module's, as
+    PEFT's ParamWrapper.bias); None: none."""
     if bias is None:
         return {}
     if bias == "all":
@@ -158,6 +160,8 @@ def bias_params(model: nn.Module, bias: str | None, sites: Iterable[str]) -> dic
                 if n.rpartition(".")[2] == "bias" and not any(x.startswith(OURS) for x in n.split("."))}
     out = {}
     for s in sites:
+        if target_parameters and param_targeted(s, target_parameters):
+            s = s.rpartition(".")[0]  # <module>.<param>: the module's bias
         try:
             b = model.get_submodule(s).get_parameter("bias")
         except AttributeError:  # not a module (a functional site on another attribute), or no bias
@@ -170,7 +174,7 @@ def owned_params(model: nn.Module, spec: AdapterSpec, sites: Iterable[str]) -> d
     """Base parameters an adapter with ``spec`` at ``sites`` trains with a copy of its own
     (:mod:`peftcompile.copies`): its ``trainable`` modules' and its ``bias`` option's."""
     out = trainable_params(model, spec.trainable)
-    out.update(bias_params(model, spec.bias, sites))
+    out.update(bias_params(model, spec.bias, sites, spec.target_parameters))
     return out
 
 

@@ -395,3 +395,43 @@ def test_mixed_batches_weighted_and_diffora_refuse_parameter_sites():
     with pytest.raises(pc.AdapterError, match="cannot gate parameter sites"):
         diffora.search(tiny_mixtral(), pc.AdapterSpec(pc.LoRA(r=2), target_parameters=EXPERTS, targets=["q_proj"]),
                        batches, batches, budget=0.5, steps=1)
+
+
+# ---------------------------------------------------------------- bias= with parameter sites
+class BiasedExperts(Experts):
+    """Experts with their own ``bias``: PEFT's ParamWrapper.bias is it (``lora_only`` trains it), and its
+    key nests under both wrappers (``experts.base_layer.base_layer.bias``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(8) * 0.3)
+
+    def forward(self, x, probs):
+        return super().forward(x, probs) + self.bias
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_option_at_parameter_sites_trains_peft_s_biases_and_loads_both_ways(tmp_path, bias):
+    torch.manual_seed(0)
+    base = MoENet().eval()
+    base.experts = BiasedExperts()
+    x = torch.randn(5, 8)
+    pm = _quiet(get_peft_model, copy.deepcopy(base),
+                LoraConfig(r=2, lora_alpha=4, target_modules=["head"], target_parameters=EXPERTS, bias=bias))
+    peft_trained = {n.removeprefix("base_model.model.").replace(".base_layer", "")
+                    for n, p in pm.named_parameters() if p.requires_grad and "lora_" not in n}
+    ours = _quiet(pc.adapt, copy.deepcopy(base),
+                  pc.AdapterSpec(pc.LoRA(r=2, alpha=4), targets=["head"], target_parameters=EXPERTS, bias=bias))
+    assert {n for n, p in ours.named_parameters() if p.requires_grad and "peftcompile" not in n} == peft_trained
+    assert "experts.bias" in peft_trained
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(tmp_path / "peft")
+    loaded = _quiet(pc.load_peft_adapter, copy.deepcopy(base), tmp_path / "peft")
+    want = pm(x)
+    assert torch.allclose(loaded(x), want, atol=TOL)
+    back = _peft_from_ours(base, loaded, tmp_path / "ours")
+    assert torch.allclose(back(x), want, atol=TOL)
