@@ -366,3 +366,22 @@ def test_lora_bias_exports_to_onnx_unmerged_and_merged(tmp_path):
     merged = to_onnx(m, (x,), tmp_path / "merged.onnx", merged=True)
     got = OrtAdapterSession(merged.path).run((x,))
     assert rel(_first(got), want) <= 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(bias="lora_only"), dict(trainable=["lin2"])])
+def test_unmerged_onnx_export_refuses_an_adapter_that_trains_base_parameters(tmp_path, kw):
+    """Its trained biases (or modules) are not graph inputs: the file would bake them in, so it would not run as
+    the base model unbound, nor as another adapter with that adapter's sidecar."""
+    from peftcompile.export import OrtAdapterSession, to_onnx
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["lin0"], **kw))
+    _randomize_(m)
+    x = x_()
+    with pytest.raises(AdapterError, match=r"trains base parameters.*merged=True"):
+        to_onnx(m, (x,), tmp_path / "un.onnx", merged=False)
+    assert not (tmp_path / "un.onnx").exists()
+    merged = to_onnx(m, (x,), tmp_path / "merged.onnx", merged=True)  # the fix named
+    with torch.no_grad():
+        assert rel(_first(OrtAdapterSession(merged.path).run((x,))), m(x)) <= 1e-5

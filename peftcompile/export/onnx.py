@@ -55,7 +55,7 @@ from torch.export import Dim
 from ..api import merge_and_unload
 from ..errors import AdapterError
 from ..methods import get_method, method_for
-from ..state import adapter_params, merged_sites, shared_key, site_adapters, site_key, state_of
+from ..state import adapter_params, merged_sites, owned_by, shared_key, site_adapters, site_key, state_of
 from ..atomic import atomic_replace_files, check_writable, temp_sibling_dir
 from .formats import (FORMAT, METADATA_KEY, ORT_ADAPTER_SPEC_SUFFIX, ORT_ADAPTER_SUFFIX, SIDECAR_SUFFIX, AdapterInput,
                       export_fingerprint, write_ort_adapter, write_sidecar)
@@ -221,13 +221,20 @@ def _pick_adapter(model: nn.Module, adapter: str | None) -> str:
                 f"adapter {adapter!r} is not active (active: {list(st.active)}); "
                 f"call peftcompile.set_active(model, {adapter!r}) first"
             )
-        return adapter
-    if len(st.active) != 1:
+    elif len(st.active) != 1:
         raise AdapterError(
             f"an unmerged export carries exactly one adapter, but {len(st.active)} are active "
             f"({list(st.active)}); pass adapter=<name> or set_active one (or export merged=True)"
         )
-    return st.active[0]
+    name = adapter if adapter is not None else st.active[0]
+    owned = sorted(k.removeprefix("trainable.") for k in owned_by(model, name))
+    if owned:  # their values are not graph inputs: the graph would hold this adapter's as constants
+        raise AdapterError(
+            f"adapter {name!r} trains base parameters {owned[:4]} (AdapterSpec.trainable / bias), whose values an "
+            f"unmerged export would bake into the graph: unbound it would not run as the base model, and another "
+            f"adapter's sidecar would run with these values. Fix: export merged=True"
+        )
+    return name
 
 
 def _rank_axes(method: str, key: str) -> tuple[int, ...] | None:
