@@ -30,7 +30,7 @@ from .passes.rewrite import restore_unit_, rewrite_unit_
 from .spec import (ALL_LINEAR, AdapterSpec, Placement, default_targets, layer_index, matches, param_targeted,
                    pattern_matches, select_modules, select_sites)
 from .state import (SHARED_ATTR, merged_sites, STATE_ATTR, ModelState, freeze_base_, owned_by, require_state, site_adapters, state_of,
-                    trainable_modules)
+                    trainable_key, trainable_modules)
 
 __all__ = [
     "adapt",
@@ -808,6 +808,21 @@ def _merged_bias(b: torch.Tensor, cont: SiteAdapterSet, names: Sequence[str], si
         if d is not None:
             b = (b.to(torch.float32) + sign * d.to(torch.float32)).to(b.dtype)
     return b
+
+
+def without_merged_biases(model: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``params`` (an adapter's checkpoint tensors) with the merged lora_bias terms (s * b_B) taken
+    out of the base biases the adapter trains and holds now (bias="lora_only" / "all"): merge wrote
+    them into those biases."""
+    path_of = {id(m): n for n, m in model.named_modules()}
+    out = dict(params)
+    for host, _, cont in site_adapters(model):
+        b = _site_bias(host, cont)
+        key = trainable_key(path_of[id(host)], "bias")
+        if cont.merged and b is not None and out.get(key) is b:
+            with torch.no_grad():
+                out[key] = _merged_bias(b, cont, tuple(reversed(cont.merged)), -1)
+    return out
 
 
 def merge(model: nn.Module, *, safe_merge: bool = False) -> None:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
-from .api import _merged_bias, _site_bias, apply_plan_, check_adapter_name, check_explicit_sites, plan_adapt, set_active
+from .api import apply_plan_, check_adapter_name, check_explicit_sites, plan_adapt, set_active, without_merged_biases
 from .distributed import copy_into_, require_unsharded, unwrap, unwrapped, write_checkpoint
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import method_for, registered_methods
@@ -87,7 +87,7 @@ def _save_adapters(model: nn.Module, path: str | Path, name: str | None, format:
         name = st.active[0]
     if name not in st.specs:
         raise AdapterError(f"no adapter named {name!r}; this model has {sorted(st.specs)}")
-    tensors = {k: v.detach() for k, v in _without_merged_biases(model, checkpoint_params(model, name)).items()}
+    tensors = {k: v.detach() for k, v in without_merged_biases(model, checkpoint_params(model, name)).items()}
     meta = sorted(k for k, v in tensors.items() if v.is_meta)
     if meta:
         raise AdapterError(f"adapter {name!r} has tensors on the meta device ({meta[:3]}); materialise the model "
@@ -183,20 +183,6 @@ def _peft_param_modules(model: nn.Module, params: Sequence[str]) -> dict[str, st
             by_host[path].append(key)
     return {key: path + ".base_layer" * (len(keys) - 1 - i) for path, keys in by_host.items()
             for i, key in enumerate(keys)}
-
-
-def _without_merged_biases(model: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``params`` with the merged lora_bias terms (s * b_B) taken out of the base biases the
-    adapter trains and holds now (bias="lora_only" / "all"): merge wrote them into those biases."""
-    path_of = {id(m): n for n, m in model.named_modules()}
-    out = dict(params)
-    for host, _, cont in site_adapters(model):
-        b = _site_bias(host, cont)
-        key = trainable_key(path_of[id(host)], "bias")
-        if cont.merged and b is not None and out.get(key) is b:
-            with torch.no_grad():
-                out[key] = _merged_bias(b, cont, tuple(reversed(cont.merged)), -1)
-    return out
 
 
 PREV_SUFFIX = ".prev"
