@@ -612,3 +612,37 @@ def test_summary_counts_embedding_and_conv_sites():
     assert "emb" in text and "stem" in text
     cfg = json.loads(json.dumps(m.emb.peftcompile["default"].cfg.to_dict()))
     assert cfg["method"] == "gralora"
+
+
+class ImgNet(nn.Module):
+    """An embedding feeding nothing spatial, and a conv on an image: every site sees the batch as dim 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 4)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, ids, img):  # ids [N, T], img [N, 4, 5, 5]
+        h = self.conv(img + self.emb(ids).mean(1)[:, :, None, None]).mean((2, 3))
+        return self.fc(h)
+
+
+def test_mixed_adapter_batch_routes_rows_at_embedding_and_conv():
+    torch.manual_seed(0)
+    m = ImgNet().eval()
+    pc.adapt(m, pc.AdapterSpec(pc.GraLoRA(r=4, k=2), ["emb", "conv", "fc"]), "g")
+    pc.adapt(m, pc.AdapterSpec(pc.RaSA(r=4, k=1), ["emb", "conv", "fc"]), "r")
+    randomize_adapters_(m, std=0.2)
+    ids, img = _ids(shape=(3, 5)), torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = {}
+        for n in ("g", "r"):
+            pc.set_active(m, n)
+            want[n] = m(ids, img)
+        with pc.disabled(m):
+            want["__base__"] = m(ids, img)
+        names = ["r", "__base__", "g"]
+        got = m(ids, img, adapter_names=names)
+    for i, n in enumerate(names):
+        torch.testing.assert_close(got[i], want[n][i], rtol=TOL, atol=1e-6)
