@@ -314,18 +314,19 @@ def plan_adapt(model: nn.Module, spec: AdapterSpec, name: str = "default", *,
     cfg_of = {n: spec.config_for(n) for n in [*chosen, *psites]}
     problems = [f"{n}: {why}" for n in psites for why in [method.param_form.check(cfg_of[n])] if why]
     for n, s in first.items():
-        why = None if s.kind in EXPLICIT_KINDS else method.check_site(cfg_of[n], s.in_features, s.out_features)
+        why = site_check(model, method, cfg_of[n], s)
         if why:
             problems.append(f"{n}: {why}")
     groups: dict[str, list[Site]] = {}
     if method.shares:
         groups = _groups(method, list(first.values()))
         for key, members in groups.items():
-            shapes = {(m.in_features, m.out_features) for m in members}
+            shapes = {_share_shape(model, m) for m in members}
             if len(shapes) > 1:
                 problems.append(
                     f"group {key!r} has sites of different shapes "
-                    f"{[(m.name, m.in_features, m.out_features) for m in members]}; exclude the odd ones"
+                    f"{[(m.name, *_share_shape(model, m)) for m in members]}; its tensors are shared, so its members "
+                    f"need one shape (and embedding / conv members one kind and weight shape): exclude the odd ones"
                 )
             cfgs = {cfg_of[m.name] for m in members}
             if len(cfgs) > 1:
@@ -498,6 +499,27 @@ def _warn_unadapted_parameters(model: nn.Module, spec: AdapterSpec, psites: Mapp
         AdapterWarning, stacklevel=4)
 
 
+def site_check(model: nn.Module, method: Method, cfg, s: Site) -> str | None:
+    """The method's own ``check_site`` on a site's linear shape (an nn.Embedding's in = num_embeddings, an
+    nn.ConvNd's in = C_in * prod(kernel_size), the conv as a linear on unfolded patches), or None."""
+    why = method.check_site(cfg, s.in_features, s.out_features)
+    if why and s.kind == "conv":
+        conv = model.get_submodule(s.host_path)
+        why += (f" (at a {type(conv).__name__}, in_features = in_channels * prod(kernel_size) = "
+                f"{conv.in_channels} * {'*'.join(map(str, conv.kernel_size))})")
+    elif why and s.kind == "embedding":
+        why += " (at an nn.Embedding, in_features = num_embeddings, out_features = embedding_dim)"
+    return why
+
+
+def _share_shape(model: nn.Module, s: Site) -> tuple:
+    """What must agree across a group sharing tensors: the linear shape and, at the explicit kinds, the
+    layer kind and its weight's shape (a conv's kernel: the pool's rows are filters of that layout)."""
+    if s.kind not in EXPLICIT_KINDS:
+        return (s.in_features, s.out_features)
+    return (s.in_features, s.out_features, s.kind, tuple(s.weight(model).shape))
+
+
 def embedding_options(emb: nn.Embedding) -> dict:
     """The ``F.embedding`` options of an embedding site that its adapter's lookup uses too (as
     PEFT's), and ``scale``: the subclass's ``embed_scale`` that multiplies its output (None if none)."""
@@ -563,6 +585,11 @@ def _check_embedding_sites(model: nn.Module, method: Method, sites: Sequence[Sit
     if renorm:
         raise AdapterError(f"cannot adapt nn.Embedding site(s) {renorm[:4]} with max_norm set: F.embedding would "
                            f"renormalise the adapter's tensors in place. Fix: remove them from targets")
+    sparse = [s.name for s in sites if model.get_submodule(s.host_path).sparse]
+    if sparse:  # the adapter's lookup would give its factor a sparse gradient the low-rank math cannot take
+        raise AdapterError(f"cannot adapt nn.Embedding site(s) {sparse[:4]} with sparse=True: the adapter's backward "
+                           f"through a sparse lookup fails in torch (PEFT's LoRA fails the same way). Fix: set "
+                           f"sparse=False on the embedding, or remove it from targets")
 
 
 def _check_patterns_used(spec: AdapterSpec, chosen: Sequence[str]) -> None:

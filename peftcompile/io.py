@@ -24,13 +24,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
-from .api import apply_plan_, check_adapter_name, check_explicit_sites, plan_adapt, set_active, without_merged_biases
+from .api import (apply_plan_, check_adapter_name, check_explicit_sites, plan_adapt, set_active, site_check,
+                  without_merged_biases)
 from .distributed import copy_into_, require_unsharded, unwrap, unwrapped, write_checkpoint
 from .errors import AdapterError, AdapterTypeError, AdapterWarning
 from .methods import method_for, registered_methods
 from .methods.registry import ANY
 from .passes.capture import capture, is_conv_site
-from .passes.match import EXPLICIT_KINDS, match
+from .passes.match import match
 from .passes.params import match_parameters, parameter_keys
 from .spec import AdapterSpec, exact_targets, param_targeted, select_modules
 from .copies import checkpoint_params
@@ -128,6 +129,18 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
     embedding_sites = {c.site for _, _, c in site_adapters(model) if c.kind == "embedding"}
     # PEFT stores a conv site's factors as conv weights (LoRA: A [r, C_in, *k], B [out, r, 1, ...])
     kernels = {c.site: tuple(host.kernel_size) for host, _, c in site_adapters(model) if c.kind == "conv"}
+    # PEFT's layer for this method must exist at each site kind (PEFT's GraLoRA has no Embedding / Conv layer:
+    # its from_pretrained would raise, or our keys would be read as a linear layer's)
+    no_layer = [(kind, [c.site for _, _, c in site_adapters(model) if c.kind == kind and c.site in sites])
+                for kind, has in (("embedding", bool(fmt.embedding_keys)), ("conv", fmt.conv_shape is not None))
+                if not has]
+    no_layer = [(kind, found) for kind, found in no_layer if found]
+    if no_layer:
+        kind, found = no_layer[0]
+        layer = {"embedding": "nn.Embedding", "conv": "nn.Conv1d/2d/3d"}[kind]
+        raise AdapterError(f"adapter {name!r} ({spec.method.name}) adapts {layer} site(s) {found[:4]}, but PEFT's "
+                           f"{fmt.peft_type} has no {layer} layer, so PeftModel could not load it. Fix: save with the "
+                           f"default format (pc.load_adapters reads it), or leave those sites out of the adapter")
     param_sites = [c.site for _, _, c in site_adapters(model) if c.kind == "param" and c.site in sites]
     module_of = _peft_param_modules(model, param_sites)
     out = {}
@@ -318,7 +331,7 @@ def _expected(model: nn.Module, spec: AdapterSpec, sites: list[str]) -> tuple[di
             for p, shp in m.param_form.shapes(cfg, site.in_features, site.out_features, experts).items():
                 shapes[site_key(s, p)] = tuple(shp)
             continue
-        why = None if site.kind in EXPLICIT_KINDS else m.check_site(cfg, site.in_features, site.out_features)
+        why = site_check(model, m, cfg, site)
         if why:
             raise AdapterError(f"{s}: {why}")
         for p, shp in m.shapes(cfg, site.in_features, site.out_features, n_of.get(s, 1)).items():

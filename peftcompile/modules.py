@@ -93,7 +93,7 @@ class SiteAdapter(nn.Module):
         with torch.no_grad():
             if param is not None:
                 m.param_form.init(cfg, dict(self.named_parameters()), param["experts"])
-            elif embedding is not None:
+            elif embedding is not None and m.embed_init is not None:
                 try:
                     m.embed_init(cfg, dict(self.named_parameters()))
                 except AdapterError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -12,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftcompile.models import TINY_VOCAB as VOCAB, tiny_bert, tiny_gpt2, tiny_llama  # noqa: F401 (re-exported)
+from peftcompile.methods import LoRA
 
 # CI runs two xdist workers on two cores and the models are tiny: a second intra-op thread per
 # worker only waits for a core (test_lifecycle + test_io: 15.3 s -> 8.0 s measured).
@@ -137,3 +139,20 @@ class CountingBackend:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------- a method with a linear form only
+@dataclasses.dataclass(frozen=True)
+class LinearOnly(LoRA):
+    """LoRA's math registered as a method without embedding / conv / parameter forms (every built-in
+    method has them), to test the refusals of the site kinds a method cannot adapt."""
+
+
+@pytest.fixture
+def linear_only():
+    from peftcompile.methods import get_method, register_method, unregister_method
+
+    register_method(dataclasses.replace(get_method("lora"), name="linonly", config_cls=LinearOnly, peft=None,
+                                        embed=None, embed_init=None, conv=None, param_form=None))
+    yield LinearOnly(r=2)
+    unregister_method("linonly")

@@ -471,17 +471,11 @@ class StdConv2d(nn.Conv2d):
         return self._conv_forward(x, w, self.bias)
 
 
-def _gralora():
-    return pc.GraLoRA(r=2, k=1)
-
-
-def _rasa():
-    return pc.RaSA(r=2, k=1)
-
-
 REFUSED = [
-    ("gralora", lambda: ConvNet(2), _gralora, ["conv", "fc"], r"gralora: cannot adapt nn.Conv1d/2d/3d site\(s\) \['conv'\]"),
-    ("rasa", lambda: ConvNet(1), _rasa, ["pw"], r"rasa: cannot adapt nn.Conv1d/2d/3d site\(s\) \['pw'\].*\['lora'\]"),
+    # GraLoRA's own check on the conv as a linear on patches (in = 3 * 3*3 = 27); more in test_block_kinds.py
+    ("gralora-k", lambda: ConvNet(2), lambda: pc.GraLoRA(r=4, k=2), ["conv", "fc"],
+     r"conv: GraLoRA k=2 must divide in_features=27.*in_channels \* prod\(kernel_size\) = 3 \* 3\*3"),
+    ("rasa-groups", lambda: ConvNet(1, groups=3), lambda: pc.RaSA(r=2, k=1), ["conv"], r"Conv1d site 'conv': groups=3"),
     ("groups", lambda: ConvNet(2, groups=3), lambda: pc.LoRA(r=3), ["conv"], r"Conv2d site 'conv': groups=3.*exclude"),
     ("dilation", lambda: ConvNet(1, dilation=2), lambda: pc.LoRA(r=2), ["conv"],
      r"Conv1d site 'conv': dilation=\(2,\)"),
@@ -504,12 +498,13 @@ def test_refused_by_name_model_unchanged(what, make, method, targets, match):
     _unchanged(m, before)
 
 
-def test_checkpoint_of_refused_method_on_conv_is_refused(tmp_path):
-    """Our own format with a GraLoRA spec naming a conv site (a hand-edited or foreign file)."""
+def test_checkpoint_of_method_without_conv_form_is_refused(tmp_path, linear_only):
+    """Our own format with a spec naming a conv site for a method that has no conv form (a hand-edited
+    or foreign file)."""
     import json
 
     torch.manual_seed(0)
-    m = pc.adapt(ConvNet(2), pc.AdapterSpec(pc.GraLoRA(r=2, k=1), ["fc"]))
+    m = pc.adapt(ConvNet(2), pc.AdapterSpec(linear_only, ["fc"]))
     pc.save_adapters(m, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     cfg["sites"] = {"conv": [27, 6]}
@@ -518,6 +513,6 @@ def test_checkpoint_of_refused_method_on_conv_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     fresh = ConvNet(2)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    with pytest.raises(pc.AdapterError, match=r"cannot adapt nn.Conv1d/2d/3d site\(s\) \['conv'\]"):
+    with pytest.raises(pc.AdapterError, match=r"linonly: cannot adapt nn.Conv1d/2d/3d site\(s\) \['conv'\]"):
         pc.load_adapters(fresh, tmp_path)
     _unchanged(fresh, before)

@@ -78,13 +78,12 @@ def test_embedding_is_a_site_only_when_named():
     assert torch.count_nonzero(a.lora_A) == 0 and torch.count_nonzero(a.lora_B) > 0
 
 
-@pytest.mark.parametrize("method", [pc.GraLoRA(r=4, k=2), pc.RaSA(r=4, k=1)] if hasattr(pc, "RaSA") else
-                         [pc.GraLoRA(r=4, k=2)])
-def test_methods_without_embedding_form_refuse_by_name(method):
+def test_methods_without_embedding_form_refuse_by_name(linear_only):
+    # every built-in method has an embedding form (GraLoRA / RaSA: tests/test_block_kinds.py)
     m = EmbNet()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(pc.AdapterError, match=r"cannot adapt nn.Embedding site\(s\) \['emb'\]"):
-        pc.adapt(m, pc.AdapterSpec(method, targets=["emb", "fc"]))
+    with pytest.raises(pc.AdapterError, match=r"linonly: cannot adapt nn.Embedding site\(s\) \['emb'\]"):
+        pc.adapt(m, pc.AdapterSpec(linear_only, targets=["emb", "fc"]))
     assert state_of(m) is None and type(m.__dict__.get("forward")) is not object
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
@@ -402,3 +401,12 @@ def _peft_twin_plain(ours):
     base = copy.deepcopy(ours)
     pc.unload(base)
     return _peft_twin(base, ours, ["emb"], r=2, alpha=16.0)
+
+
+@pytest.mark.parametrize("method", [pc.LoRA(r=2), pc.GraLoRA(r=2, k=2), pc.RaSA(r=2, k=1)], ids=lambda c: c.name)
+def test_sparse_embedding_is_refused_by_name(method):
+    m = EmbNet()
+    m.emb.sparse = True
+    with pytest.raises(pc.AdapterError, match=r"\['emb'\] with sparse=True.*sparse=False"):
+        pc.adapt(m, pc.AdapterSpec(method, targets=["emb"]))
+    assert state_of(m) is None

@@ -208,9 +208,10 @@ def test_target_naming_a_non_linear_module_is_an_error():
     with pytest.raises(pc.AdapterError, match=r"target 'norm' names \['LayerNorm'\]"):
         pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["norm", "fc"]))
     assert state_of(m) is None
-    # an nn.Conv2d is a site for LoRA (tests/test_conv.py), but not for GraLoRA: refused by name
-    with pytest.raises(pc.AdapterError, match=r"cannot adapt nn.Conv1d/2d/3d site\(s\) \['conv'\]"):
-        pc.adapt(m, pc.AdapterSpec(pc.GraLoRA(r=2, k=1), targets=["conv", "fc"]))
+    # an nn.Conv2d is a site (tests/test_conv.py, test_block_kinds.py) where the method's own check passes:
+    # GraLoRA's k must divide in = C_in * prod(kernel) = 27, refused by name
+    with pytest.raises(pc.AdapterError, match=r"conv: GraLoRA k=2 must divide in_features=27"):
+        pc.adapt(m, pc.AdapterSpec(pc.GraLoRA(r=2, k=2), targets=["conv", "fc"]))
     assert state_of(m) is None
     with pytest.warns(AdapterWarning, match="'fcc' matched no site"):
         pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["fcc", "fc"]))

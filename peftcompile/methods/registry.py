@@ -106,7 +106,8 @@ class Method:
         ``F.embedding`` options (padding_idx, scale_grad_by_freq, sparse). Optional: a method
         without it refuses Embedding targets. ``delta_weight`` gives dW [dim, num] (W += dW.T).
     embed_init(cfg, p) -> initialise an embedding site's own parameters (with ``embed``);
-        AdapterError if this config has no embedding form.
+        AdapterError if this config has no embedding form. None: ``init`` (it must then start
+        the delta at exactly 0 there too).
     delta_bias(params, cfg) -> [out] or None: a delta's constant term (LoRA's ``lora_bias``),
         which merging adds to the base bias; None when the delta is linear in x.
     conv(x, p, cfg, opts) -> the delta of an ``nn.Conv1d/2d/3d`` site for its input ``x``

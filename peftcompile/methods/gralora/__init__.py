@@ -7,8 +7,8 @@ import operator
 import torch
 
 from ..registry import ANY, Lowering, Method, PeftFormat, register_method, shapes_check
-from .math import (GraLoRA, gralora_as_lora, gralora_check_site, gralora_delta, gralora_delta_weight, gralora_init,
-                   gralora_shapes)
+from .math import (GraLoRA, gralora_as_lora, gralora_check_site, gralora_conv, gralora_delta, gralora_delta_weight,
+                   gralora_embed, gralora_embed_init, gralora_init, gralora_shapes)
 
 __all__ = ["GraLoRA", "gralora_delta", "gralora_delta_weight"]
 
@@ -95,5 +95,8 @@ register_method(
         ),
         as_lora=gralora_as_lora,
         scale_params=("gralora_B", "gralora_B_hybrid"),
+        embed=gralora_embed,
+        embed_init=gralora_embed_init,
+        conv=gralora_conv,
     )
 )

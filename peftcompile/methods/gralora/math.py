@@ -5,6 +5,14 @@ output z_i is cut into k chunks of size s = r / k, and output block j sums chunk
 every z_i through B[j] [r, out_b]. Every (out j, in i) block of dW has rank s, so
 rank(dW) <= k * r with LoRA's parameter count. An optional hybrid LoRA pair of rank
 ``hybrid_r`` adds to the same output. scaling = alpha / (r + hybrid_r).
+
+Other site kinds (the parameters are the linear site's, the math is the same):
+* ``nn.Embedding`` (in = num_embeddings): the delta of ids is the linear delta of one_hot(ids),
+  gathering A[id // in_b][id % in_b] only (``block_lowrank_embed``). Init there: A = 0 and B ~ N(0, 1)
+  (hybrid pair likewise), PEFT's convention for LoRA embeddings: the delta starts at exactly 0,
+  and the row of ``padding_idx`` (which F.embedding gives no gradient) keeps a zero delta.
+* ``nn.Conv1d/2d/3d`` (in = C_in * prod(kernel)): grouped convs when k divides C_in, else the
+  block weight as one dense conv (``block_lowrank_conv``).
 """
 
 from __future__ import annotations
@@ -13,12 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lowrank import block_as_lowrank, block_lowrank, block_lowrank_weight
+from ..lowrank import (block_as_lowrank, block_lowrank, block_lowrank_conv, block_lowrank_embed,
+                       block_lowrank_weight)
 from ...errors import AdapterError
 from ..registry import MethodConfig, Params, check_positive_int, kaiming_
 
 __all__ = ["GraLoRA", "gralora_delta", "gralora_delta_weight", "gralora_as_lora", "gralora_shapes", "gralora_init",
-           "gralora_check_site"]
+           "gralora_check_site", "gralora_embed", "gralora_embed_init", "gralora_conv"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +98,28 @@ def gralora_check_site(cfg: GraLoRA, in_f: int, out_f: int) -> str | None:
             f"choose k among the common divisors or exclude this site"
         )
     return None
+
+
+def gralora_embed_init(cfg: GraLoRA, p: Params) -> None:
+    """At an nn.Embedding site: A = 0, B ~ N(0, 1) (and the hybrid pair likewise), PEFT's convention for
+    LoRA embeddings. The delta is exactly 0 at start, and a ``padding_idx`` row (no gradient into its
+    A rows) stays 0."""
+    torch.nn.init.zeros_(p["gralora_A"])
+    torch.nn.init.normal_(p["gralora_B"])
+    if cfg.hybrid_r:
+        torch.nn.init.zeros_(p["gralora_A_hybrid"])
+        torch.nn.init.normal_(p["gralora_B_hybrid"])
+
+
+def gralora_embed(ids: torch.Tensor, p: Params, cfg: GraLoRA, kwargs: dict) -> torch.Tensor:
+    """The delta of an nn.Embedding site for integer ``ids``: gralora_delta(one_hot(ids)), gathered."""
+    return block_lowrank_embed(ids, p["gralora_A"], p["gralora_B"], cfg.k, cfg.scaling, kwargs,
+                               p.get("gralora_A_hybrid"), p.get("gralora_B_hybrid"))
+
+
+def gralora_conv(x: torch.Tensor, p: Params, cfg: GraLoRA, opts: dict) -> torch.Tensor:
+    """The delta of an nn.Conv1d/2d/3d site, F.convNd(x, dW.view(W.shape)): two grouped convs (groups = k)
+    when k divides C_in, no dW; otherwise that dense conv (a base conv's cost, dW materialised)."""
+    return block_lowrank_conv(x, p["gralora_A"], p["gralora_B"], cfg.k, cfg.scaling, opts,
+                              p.get("gralora_A_hybrid"), p.get("gralora_B_hybrid"))
+

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..registry import Lowering, Method, register_method, shape_mismatch
-from .math import (RaSA, rasa_as_lora, rasa_delta, rasa_delta_weight, rasa_group_key, rasa_init, rasa_shapes,
-                   rasa_shared_init, rasa_shared_shapes, rasa_shrink_group)
+from .math import (RaSA, rasa_as_lora, rasa_conv, rasa_delta, rasa_delta_weight, rasa_embed, rasa_group_key, rasa_init,
+                   rasa_shapes, rasa_shared_init, rasa_shared_shapes, rasa_shrink_group)
 
 __all__ = ["RaSA", "rasa_delta", "rasa_delta_weight", "rasa_group_key"]
 
@@ -48,5 +48,7 @@ register_method(
         rank_axes={"rasa_A": (0,), "rasa_B": (1,), "rasa_D": (0,), "rasa_A_shared": (0,), "rasa_B_shared": (1,)},
         as_lora=rasa_as_lora,
         scale_params=("rasa_D",),
+        embed=rasa_embed,  # embed_init None: the linear init (B_l = B_S = 0) starts the delta at 0
+        conv=rasa_conv,
     )
 )

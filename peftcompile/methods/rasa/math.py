@@ -3,6 +3,12 @@
 Sites of one module type across L repeated blocks share A_S [L*k, in] and B_S [out, L*k].
 Each site keeps private A_l [r-k, in], B_l [out, r-k] and a trainable diagonal D_l of
 length e = (r-k) + L*k:  delta_l(x) = ((x @ [A_l; A_S].T) * D_l) @ [B_l, B_S].T, scaling 1.
+
+Other site kinds, with the linear site's parameters and init (the delta starts at 0 through
+B_l = B_S = 0): ``nn.Embedding`` (in = num_embeddings) looks the ids up in [A_l; A_S] with the
+embedding's F.embedding options (as LoRA's lookup of A); ``nn.Conv1d/2d/3d`` (in = C_in *
+prod(kernel)) is a conv with [A_l; A_S] as [e, C_in, *kernel] filters, times D, then a 1x1 conv
+with [B_l, B_S]. A group shares its pool across sites of one kind and weight shape.
 """
 
 from __future__ import annotations
@@ -12,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lowrank import lowrank, lowrank_weight
+from ..lowrank import lowrank, lowrank_conv, lowrank_embed, lowrank_weight
 from ...errors import AdapterError
 from ..registry import MethodConfig, Params, kaiming_
 
 __all__ = ["RaSA", "rasa_delta", "rasa_delta_weight", "rasa_group_key", "rasa_as_lora", "rasa_full", "rasa_shapes",
-           "rasa_init", "rasa_shared_shapes", "rasa_shared_init", "rasa_shrink_group"]
+           "rasa_init", "rasa_shared_shapes", "rasa_shared_init", "rasa_shrink_group", "rasa_embed", "rasa_conv"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,18 @@ def rasa_full(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
 def rasa_delta(x: torch.Tensor, p: Params, cfg: RaSA) -> torch.Tensor:
     A, B = rasa_full(p)
     return lowrank(x, A, B, 1.0, p["rasa_D"])
+
+
+def rasa_embed(ids: torch.Tensor, p: Params, cfg: RaSA, kwargs: dict) -> torch.Tensor:
+    """The delta of an nn.Embedding site: (F.embedding(ids, [A_l; A_S].T, **options) * D) @ [B_l, B_S].T."""
+    A, B = rasa_full(p)
+    return lowrank_embed(ids, A, B, 1.0, kwargs, p["rasa_D"])
+
+
+def rasa_conv(x: torch.Tensor, p: Params, cfg: RaSA, opts: dict) -> torch.Tensor:
+    """The delta of an nn.Conv1d/2d/3d site, F.convNd(x, dW.view(W.shape)), as LoRA's two convs of rank e."""
+    A, B = rasa_full(p)
+    return lowrank_conv(x, A, B, 1.0, opts, p["rasa_D"])
 
 
 def rasa_delta_weight(p: Params, cfg: RaSA) -> torch.Tensor:
