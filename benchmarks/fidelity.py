@@ -402,6 +402,8 @@ def _jaccard(a, b) -> float:
 C_PROBLEMS = {
     "residual MLP (12 blocks, 3 planted)": ("mlp", _stack_problem),
     "tiny Llama (28 sites, 3 planted, ||dW|| = ||W||)": ("llama", _llama_problem),
+    # weak changes: where the search failed before its gate step annealed with the temperature
+    "tiny Llama (28 sites, 3 planted, ||dW|| = 0.3 ||W||)": ("llama_weak", lambda s: _llama_problem(s, rel=0.3)),
     # the first version of the problem (dW ~25x the weight), kept to show where the search fails
     "tiny Llama (28 sites, 3 planted, dW ~25x W: first version)": ("llama_v1",
                                                                    lambda s: _llama_problem(s, rel=None)),
@@ -476,8 +478,7 @@ def part_c_sensitivity(seeds: int, r: int = 2) -> dict:
     dL/dW summed over the training batches (how much a rank-r change there lowers the loss to first
     order, at the base model) and keep the top K. No adapters, no training: what a search has to beat."""
     t0 = time.perf_counter()
-    problems = {**C_PROBLEMS, "tiny Llama (28 sites, 3 planted, ||dW|| = 0.3 ||W||)":
-                ("llama_weak", lambda s: _llama_problem(s, rel=0.3))}
+    problems = C_PROBLEMS
     out: dict = {"seeds": seeds, "r": r, "problems": {}}
     for pname, (short, make) in problems.items():
         rec = []

@@ -123,7 +123,9 @@ def test_warm_start_false_returns_sites_only():
 
 
 def test_search_on_tiny_llama_finds_the_planted_projections():
-    """A teacher that differs from a tiny Llama at two MLP projections: the search keeps them."""
+    """A teacher that differs from a tiny Llama at two projections: the search keeps them. The change
+    has the weight's own norm (a change ~25x the weight is not learnable by fresh adapters in this
+    budget: benchmarks/FIDELITY.md C.1, "Why the first tiny-Llama problem failed")."""
     from peftcompile.models import tiny_llama
 
     torch.manual_seed(0)
@@ -134,7 +136,8 @@ def test_search_on_tiny_llama_finds_the_planted_projections():
     with torch.no_grad():
         for s in where:
             w = teacher.get_submodule(s).weight
-            w += 2.0 * torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g) / w.shape[1] ** 0.5
+            d = torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)
+            w += w.norm() / d.norm() * d
 
     def batches(off):
         out = []
@@ -150,7 +153,7 @@ def test_search_on_tiny_llama_finds_the_planted_projections():
     p = search(base, pc.AdapterSpec(pc.LoRA(r=2, alpha=4)), batches(0), batches(100), budget=2 / 14, steps=80,
                loss_fn=loss, lr=3e-2, progress=False)
     assert sorted(p.sites) == sorted(where), sorted(p.gates.items(), key=lambda kv: -kv[1])[:4]
-    assert min(p.gates[s] for s in where) > 0.8
+    assert min(p.gates[s] for s in where) > 0.9 and max(v for s, v in p.gates.items() if s not in where) < 0.05
 
 
 LLAMA_KINDS = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

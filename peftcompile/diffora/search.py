@@ -134,7 +134,7 @@ class DiffoRASearch:
 
     def __init__(self, model: nn.Module, spec: AdapterSpec, budget: float = 0.5, *,
                  loss_fn: LossFn | None = None, lr: float = 1e-3, gate_lr: float = 5e-2,
-                 weight_decay: float = 1.0, tau_start: float = 1.0, tau_end: float = 0.05) -> None:
+                 weight_decay: float = 1.0, tau_start: float = 1.0, tau_end: float = 0.01) -> None:
         if not isinstance(spec, AdapterSpec):
             raise SearchInputError(f"spec must be a peftcompile.AdapterSpec, got {type(spec).__name__}")
         self.budget = _check_budget(budget)
@@ -276,7 +276,7 @@ class DiffoRASearch:
 def search(model: nn.Module, spec: AdapterSpec, train_batches: Iterable, val_batches: Iterable,
            budget: float = 0.5, steps: int = 100, loss_fn: LossFn | None = None, seed: int = 0, *,
            warmup: int | None = None, lr: float = 1e-3, gate_lr: float = 5e-2, weight_decay: float = 1.0,
-           tau_start: float = 1.0, tau_end: float = 0.05, warm_start: bool = True,
+           tau_start: float = 1.0, tau_end: float = 0.01, warm_start: bool = True,
            shuffle: bool = True, progress: bool = True) -> Placement:
     """Differentiable placement search; returns the kept sites, every gate and the searched weights.
 
@@ -296,7 +296,8 @@ def search(model: nn.Module, spec: AdapterSpec, train_batches: Iterable, val_bat
         lr / weight_decay: AdamW on the adapter weights. The decay matters: it breaks the
             symmetry gamma * B == (gamma / c) * (c * B) that lets a low gate hide behind
             large weights, so sites that carry the fit pull their gates up (measured on
-            planted-site problems: 0.1-1.0 recovers them, 0 does not). gate_lr: the logits.
+            planted-site problems: 0.1-1.0 recovers them, 0 does not). gate_lr: the logits' step
+            at ``tau_start``; it anneals with the temperature (``gate_lr * tau / tau_start``).
         tau_start, tau_end: the gate temperature, annealed geometrically over ``steps``.
         warm_start: return the kept sites' searched weights so ``adapt`` starts from them
             (DiffoRA's weight sharing); ``False``: sites only, ``adapt`` starts fresh.
