@@ -541,6 +541,15 @@ def check_explicit_sites(model: nn.Module, method: Method, sites: Sequence[Site]
     _check_conv_sites(model, method, [s for s in sites if s.kind == "conv"])
 
 
+def _require_form(method: Method, hook: str, kind: str, names: Sequence[str]) -> None:
+    """A site kind beyond linear needs the method's form for it (registry hook ``hook``)."""
+    if getattr(method, hook) is None:
+        have = sorted(n for n, m in registered_methods().items() if getattr(m, hook) is not None)
+        raise AdapterError(f"{method.name}: cannot adapt {kind} site(s) {list(names)[:4]} (the method has no {kind} "
+                           f"form; methods that have one: {have}). Fix: remove them from targets, or adapt them with "
+                           f"one of {have} in a second adapter")
+
+
 def _check_conv_sites(model: nn.Module, method: Method, sites: Sequence[Site]) -> None:
     """Conv targets need a method with a ``conv`` hook, and a conv whose delta PEFT's form (a first
     conv with the base's kernel_size, stride and padding only, then a 1x1 conv) gives exactly: PEFT's
@@ -548,13 +557,7 @@ def _check_conv_sites(model: nn.Module, method: Method, sites: Sequence[Site]) -
     adapter whose merge differs from its forward, or a shape error), and grouped convs cannot merge."""
     if not sites:
         return
-    names = [s.name for s in sites]
-    if method.conv is None:
-        have = sorted(n for n, m in registered_methods().items() if m.conv is not None)
-        raise AdapterError(f"{method.name}: cannot adapt nn.Conv1d/2d/3d site(s) {names[:4]} (the method has no conv "
-                           f"form: its delta is defined on linear layers only, as in its reference implementation; "
-                           f"methods that have one: {have}). Fix: remove them from targets, or adapt them with one of "
-                           f"{have} in a second adapter")
+    _require_form(method, "conv", "nn.Conv1d/2d/3d", [s.name for s in sites])
     for s in sites:
         conv = model.get_submodule(s.host_path)
         bad = []
@@ -576,11 +579,7 @@ def _check_embedding_sites(model: nn.Module, method: Method, sites: Sequence[Sit
     renormalise the adapter's factor in place)."""
     if not sites:
         return
-    names = [s.name for s in sites]
-    if method.embed is None:
-        have = sorted(n for n, m in registered_methods().items() if m.embed is not None)
-        raise AdapterError(f"{method.name}: cannot adapt nn.Embedding site(s) {names[:4]} (the method has no embedding "
-                           f"form; methods that do: {have}). Fix: remove them from targets")
+    _require_form(method, "embed", "nn.Embedding", [s.name for s in sites])
     renorm = [s.name for s in sites if model.get_submodule(s.host_path).max_norm is not None]
     if renorm:
         raise AdapterError(f"cannot adapt nn.Embedding site(s) {renorm[:4]} with max_norm set: F.embedding would "
