@@ -19,7 +19,7 @@ from torch import nn
 from .errors import AdapterError
 from .state import adapter_params, owned_by, require_state, site_adapters, split_trainable_key
 
-__all__ = ["COPIES_ATTR", "BASE", "add_copies_", "sync_", "owners_for", "checkpoint_params", "drop_copies_",
+__all__ = ["COPIES_ATTR", "BASE", "add_copies_", "sync_", "owners_for", "checkpoint_params", "set_copy_", "drop_copies_",
            "base_keys", "original", "set_original_"]
 
 COPIES_ATTR = "peftcompile_copies"
@@ -140,6 +140,16 @@ def checkpoint_params(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for key, p in owned_by(model, name).items():
         out[key] = p if st.live.get(key, name) == name else _get(model, name, key)
     return out
+
+
+def set_copy_(model: nn.Module, name: str, key: str, value: torch.Tensor) -> None:
+    """Set adapter ``name``'s value of a key it owns (the parameter itself while it holds it)."""
+    st = require_state(model)
+    with torch.no_grad():
+        if st.live.get(key) == name:
+            _set(_param(model, key), value)
+        else:
+            _get(model, name, key).copy_(_full(value))
 
 
 def drop_copies_(model: nn.Module, name: str | None = None) -> None:

@@ -20,7 +20,8 @@ from .errors import AdapterError, AdapterTypeError
 from .methods import DEFAULT_METHOD, get_method, method_for
 from .modules import SiteAdapter
 from .spec import AdapterSpec, exact_targets
-from .state import require_state, site_adapters, owned_by
+from .copies import checkpoint_params, set_copy_
+from .state import bias_params, owned_by, require_state, site_adapters
 
 __all__ = ["add_weighted_adapter", "COMBINATIONS"]
 
@@ -179,6 +180,14 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         for site, (A, B) in new.items():
             for p, t in target.from_factors(A, B)[1].items():
                 getattr(plan.adapters[site], p).data = t.to(dtype).contiguous()
+        # bias=: PEFT's biases are shared, so its combination runs on adapters[0]'s trained values; ours
+        # are per adapter: start the new adapter's from adapters[0]'s (trainable modules start from the
+        # original, as PEFT's new ModulesToSaveWrapper copy does)
+        biases = bias_params(model, first.bias, list(new), first.target_parameters)
+        donor = checkpoint_params(model, adapters[0])
+        for key in biases:
+            if key in donor:
+                set_copy_(model, adapter_name, key, donor[key])
     st.frozen = st.frozen | {adapter_name}
     set_active(model, previous)
     return model

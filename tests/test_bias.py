@@ -385,3 +385,28 @@ def test_unmerged_onnx_export_refuses_an_adapter_that_trains_base_parameters(tmp
     merged = to_onnx(m, (x,), tmp_path / "merged.onnx", merged=True)  # the fix named
     with torch.no_grad():
         assert rel(_first(OrtAdapterSession(merged.path).run((x,))), m(x)) <= 1e-5
+
+
+def test_weighted_adapter_starts_from_the_first_adapter_s_trained_biases():
+    """Biases trained by adapters[0] (bias=) carry into the combination: the new adapter's copies start
+    from adapters[0]'s values (PEFT's biases are shared, so it would run on the trained ones too; it
+    refuses a second adapter with bias, we do not). Two adapters training one bias are refused."""
+    torch.manual_seed(0)
+    m = Net()
+    base = copy.deepcopy(m)
+    for name, bias in (("a", "lora_only"), ("b", None)):
+        pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["lin0"], bias=bias), name)
+        pc.set_active(m, name)
+        _randomize_(m, seed=ord(name))
+    pc.set_active(m, "a")
+    a_bias = m.lin0.bias.detach().clone()
+    assert not torch.equal(a_bias, base.lin0.bias)
+    pc.add_weighted_adapter(m, ["a", "b"], [1.0, 0.0], "mix", combination_type="cat")
+    assert torch.equal(m.lin0.bias, a_bias)  # still "a" active: untouched
+    pc.set_active(m, "mix")
+    torch.testing.assert_close(m.lin0.bias, a_bias)
+    x = x_()
+    pc.set_active(m, "a")
+    y_a = m(x)
+    pc.set_active(m, "mix")
+    torch.testing.assert_close(m(x), y_a, atol=1e-6, rtol=1e-5)  # weights [1, 0]: adapter a exactly
