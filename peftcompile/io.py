@@ -168,7 +168,8 @@ def _peft_checkpoint(model: nn.Module, spec: AdapterSpec, name: str, tensors: di
         else:  # each wrapped module on the path adds its wrappers' .base_layer
             parts = module.split(".")
             module = ".".join(part + ".base_layer" * wraps[".".join(parts[:i + 1])] for i, part in enumerate(parts))
-        out[f"base_model.model.{module}.{param}"] = tensors.pop(key)
+        # a root-level parameter (bias="all" on a module whose own bias is a parameter) has no module part
+        out[".".join(p for p in ("base_model.model", module, param) if p)] = tensors.pop(key)
     if tensors:
         raise AdapterError(f"adapter {name!r}: tensors {sorted(tensors)[:4]} have no PEFT key; save with the "
                            f"default format")

@@ -410,3 +410,34 @@ def test_weighted_adapter_starts_from_the_first_adapter_s_trained_biases():
     y_a = m(x)
     pc.set_active(m, "mix")
     torch.testing.assert_close(m(x), y_a, atol=1e-6, rtol=1e-5)  # weights [1, 0]: adapter a exactly
+
+
+class RootBias(nn.Module):
+    """A model whose root holds a bias parameter itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(8, 6)
+        self.bias = nn.Parameter(torch.randn(6) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin0(x) + self.bias
+
+
+def test_root_level_bias_round_trips_through_peft_format(tmp_path):
+    torch.manual_seed(0)
+    base = RootBias()
+    m = copy.deepcopy(base)
+    pc.adapt(m, pc.AdapterSpec(pc.LoRA(r=2), targets=["lin0"], bias="all"))
+    _randomize_(m)
+    x = x_()
+    want = m(x)
+    pc.save_adapters(m, tmp_path / "p", format="peft")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "p" / "adapter_model.safetensors")))
+    assert "base_model.model.bias" in keys and not any(".." in k for k in keys)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p")
+    assert rel(back(x), want) <= 1e-5
+    ours = pc.load_peft_adapter(copy.deepcopy(base), tmp_path / "p")
+    assert rel(ours(x), want) <= 1e-5
