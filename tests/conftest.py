@@ -136,6 +136,14 @@ class CountingBackend:
         return peftcompile_backend(gm, example_inputs, options=self.options)
 
 
+def ort_output(sess, inputs, adapter=None) -> torch.Tensor:
+    """The first output of an ``OrtAdapterSession`` run (``adapter``: bound first), as a tensor."""
+    import numpy as np
+
+    out = sess.bind(adapter).run(inputs) if adapter is not None else sess.run(inputs)
+    return torch.as_tensor(np.asarray(out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

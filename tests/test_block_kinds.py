@@ -23,7 +23,7 @@ from peftcompile.methods import get_method
 from peftcompile.methods import lowrank as lowrank_mod
 from peftcompile.state import site_adapters, state_of
 
-from conftest import randomize_adapters_
+from conftest import ort_output, randomize_adapters_
 
 TOL = 1e-5
 CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -575,7 +575,6 @@ def test_compiled_equals_eager_embedding_and_conv_regions_skipped(cfg):
 
 @pytest.mark.parametrize("cfg", [pc.GraLoRA(r=4, k=2, hybrid_r=2), pc.RaSA(r=4, k=1)], ids=["gralora", "rasa"])
 def test_onnx_unmerged_and_merged_match_onnxruntime(cfg, tmp_path):
-    import numpy as np
 
     pytest.importorskip("onnxruntime")
     from peftcompile.export import OrtAdapterSession, to_onnx
@@ -591,8 +590,7 @@ def test_onnx_unmerged_and_merged_match_onnxruntime(cfg, tmp_path):
     assert (ref - ref_other).abs().max() > 1e-2
 
     def run(sess, adapter=None) -> torch.Tensor:
-        out = sess.bind(adapter).run(inp) if adapter is not None else sess.run(inp)
-        return torch.as_tensor(np.asarray(out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))))
+        return ort_output(sess, inp, adapter)
 
     unmerged = to_onnx(m, inp, tmp_path / "u.onnx", merged=False)
     assert any(k.startswith("emb.") for k in unmerged.adapter_inputs)

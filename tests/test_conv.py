@@ -13,7 +13,7 @@ import torch.nn as nn
 import peftcompile as pc
 from peftcompile.state import site_adapters, state_of
 
-from conftest import randomize_adapters_
+from conftest import ort_output, randomize_adapters_
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -432,7 +432,6 @@ def test_compiled_conv_is_reference_math_and_linears_stay_fused():
 
 @pytest.mark.parametrize("dims", [1, 2])
 def test_onnx_unmerged_and_merged_match_pytorch(dims, tmp_path):
-    import numpy as np
 
     pytest.importorskip("onnxruntime")
     from peftcompile.export import OrtAdapterSession, to_onnx
@@ -448,8 +447,7 @@ def test_onnx_unmerged_and_merged_match_pytorch(dims, tmp_path):
     assert (ref - ref_other).abs().max() > 1e-2
 
     def run(sess, adapter=None) -> torch.Tensor:
-        out = sess.bind(adapter).run(inp) if adapter is not None else sess.run(inp)
-        return torch.as_tensor(np.asarray(out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))))
+        return ort_output(sess, inp, adapter)
 
     unmerged = to_onnx(m, inp, tmp_path / "u.onnx", merged=False)
     assert "conv.lora_A" in unmerged.adapter_inputs

@@ -10,7 +10,6 @@ import hashlib
 import pickle
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -20,7 +19,7 @@ import peftcompile as pc
 from peftcompile.errors import AdapterTypeError, AdapterWarning
 from peftcompile.state import site_adapters, state_of
 
-from conftest import compile_fast, counted, param_grads, randomize_adapters_
+from conftest import compile_fast, counted, ort_output, param_grads, randomize_adapters_
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -329,8 +328,7 @@ def test_plain_moe_onnx_merged_and_unmerged_match_pytorch(tmp_path):
             ref_base = m(x)
 
     def run(sess, adapter=None):
-        out = sess.bind(adapter).run((x,)) if adapter is not None else sess.run((x,))
-        return torch.as_tensor(np.asarray(out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))))
+        return ort_output(sess, (x,), adapter)
 
     unmerged = to_onnx(m, (x,), tmp_path / "u.onnx", merged=False, dynamic_axes=None)
     assert torch.allclose(run(OrtAdapterSession(unmerged.path), unmerged.sidecar), ref, atol=1e-4)
