@@ -868,7 +868,7 @@ def merge(model: nn.Module, *, safe_merge: bool = False) -> None:
 @torch.no_grad()
 def unmerge(model: nn.Module) -> None:
     """Take merged adapters back out of the base weights (fp32: exact to ~1e-6; bf16/fp16:
-    within one ulp of the weight, since W is rounded to its dtype after each step)."""
+    within one ulp of the larger of |W| and |W + dW|, since W is rounded to its dtype after each step)."""
     require_state(model)
     if not any(c.merged for _, _, c in site_adapters(model)):
         warnings.warn("no adapter is merged; nothing to unmerge", AdapterWarning, stacklevel=2)

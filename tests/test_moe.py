@@ -1,10 +1,12 @@
 """LoRA on parameters a module uses itself (PEFT's ``target_parameters`` / ``ParamWrapper``):
 transformers-5 MoE experts stored as 3-D tensors and routers' 2-D weights, on tiny Mixtral and
 Qwen3-MoE built from configs. Parity with PEFT 0.21 (forward, merge, disable, a training step,
-checkpoints both ways), PEFT's all-linear site set, warnings, the compile backend, ONNX, refusals."""
+checkpoints both ways), PEFT's all-linear site set, warnings, the compile backend, ONNX, refusals; and what
+PEFT + HF users run: gradient checkpointing, 16-bit bases, exceptions, save/deepcopy, switching under compile."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import pickle
@@ -19,7 +21,7 @@ import peftcompile as pc
 from peftcompile.errors import AdapterTypeError, AdapterWarning
 from peftcompile.state import site_adapters, state_of
 
-from conftest import compile_fast, counted, ort_output, param_grads, randomize_adapters_
+from conftest import CountingBackend, compile_fast, counted, ort_output, param_grads, randomize_adapters_
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -433,3 +435,272 @@ def test_bias_option_at_parameter_sites_trains_peft_s_biases_and_loads_both_ways
     assert torch.allclose(loaded(x), want, atol=TOL)
     back = _peft_from_ours(base, loaded, tmp_path / "ours")
     assert torch.allclose(back(x), want, atol=TOL)
+
+
+# ---------------------------------------------------------------- what PEFT + HF users run
+def _unswapped(host: nn.Module, w: nn.Parameter, values: torch.Tensor, attr: str = "gate_up_proj") -> None:
+    """``host.<attr>`` is the original parameter object with its original values: no W + dW left behind."""
+    assert host._parameters[attr] is w and torch.equal(w, values)
+    assert all(type(p) is nn.Parameter for p in host._parameters.values())
+    assert all("_held" not in c.__dict__ for c in host.children())
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gradient_checkpointing_step_equals_the_plain_step_and_peft(family, reentrant, tmp_path):
+    """HF ``gradient_checkpointing_enable`` (both ``use_reentrant``): the experts' forward runs again in
+    backward (the hooks swap W + dW in and out again); loss and every adapter gradient equal the run without
+    checkpointing, the base weights are the original objects and values afterwards, and one SGD step lands
+    where PEFT's checkpointed step does."""
+    base, plain = _adapted(family)
+    ids = _ids()
+    plain.train()
+    want = plain(input_ids=ids, labels=ids).loss
+    want.backward()
+    m = copy.deepcopy(base)
+    _quiet(pc.adapt, m, pc.AdapterSpec(pc.LoRA(r=2, alpha=4), targets=["q_proj"], target_parameters=ALL_PARAMS))
+    randomize_adapters_(m, std=0.2)
+    pm = _peft_from_ours(base, m, tmp_path / "p", is_trainable=True)
+    experts = m.model.layers[0].mlp.experts
+    w, values = experts.gate_up_proj, experts.gate_up_proj.detach().clone()
+    calls = []
+    experts.register_forward_pre_hook(lambda mod, a: calls.append(type(mod.gate_up_proj) is torch.Tensor))
+    for model in (m, pm):
+        model.train()
+        _quiet(model.gradient_checkpointing_enable, gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        loss = _quiet(model, input_ids=ids, labels=ids).loss
+        if model is m:
+            assert calls == [True]
+        loss.backward()
+        if model is m:
+            assert calls == [True, True]  # recomputed in backward, on W + dW again
+            torch.testing.assert_close(loss, want, atol=TOL, rtol=TOL)
+            ga, gb = param_grads(m), param_grads(plain)
+            assert ga.keys() == gb.keys() and sum("experts" in k for k in ga) == 8
+            for k in ga:
+                torch.testing.assert_close(ga[k], gb[k], atol=TOL, rtol=TOL, msg=lambda s: f"{k}: {s}")
+            _unswapped(experts, w, values)
+            assert torch.equal(m.model.layers[1].mlp.gate.weight, base.model.layers[1].mlp.gate.weight)
+        opt.step()
+        model.eval()
+    _unswapped(experts, w, values)
+    torch.testing.assert_close(_logits(m, ids), _logits(pm, ids), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_gradient_checkpointing_under_compile_equals_eager():
+    """torch.compile + HF checkpointing: dynamo's checkpoint op refuses the hooks' swap of W (a side effect
+    outside its scope), so the checkpointed layers graph-break and run eagerly (README Limits); the step still
+    equals eager and W is intact."""
+    base, m = _adapted("mixtral")
+    m.train()
+    ref = copy.deepcopy(m)
+    _quiet(m.gradient_checkpointing_enable, gradient_checkpointing_kwargs={"use_reentrant": False})
+    experts = m.model.layers[0].mlp.experts
+    w, values = experts.gate_up_proj, experts.gate_up_proj.detach().clone()
+    ids = _ids()
+    out = _quiet(compile_fast(m), input_ids=ids, labels=ids)
+    out.loss.backward()
+    expected = ref(input_ids=ids, labels=ids)
+    expected.loss.backward()
+    torch.testing.assert_close(out.logits, expected.logits, atol=TOL, rtol=TOL)
+    ga, gb = param_grads(m), param_grads(ref)
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=TOL, rtol=TOL, msg=lambda s: f"{k}: {s}")
+    _unswapped(experts, w, values)
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each element of ``x`` in its (16-bit) dtype, as float64."""
+    _, e = torch.frexp(x.double())  # |x| = m * 2**e, m in [0.5, 1)
+    return torch.ldexp(torch.full_like(x, torch.finfo(x.dtype).eps, dtype=torch.float64), e - 1).clamp_min(
+        torch.finfo(x.dtype).smallest_normal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_base_with_fp32_adapters_matches_peft_and_merge_round_trips(dtype, tmp_path):
+    """PEFT's default dtype policy on a bf16 / fp16 Mixtral: fp32 adapters (autocast_adapter_dtype=True both
+    sides). Compared per module with the routing held fixed (top-k routing is discontinuous: one 16-bit rounding
+    can pick another expert and move the logits by far more than an ulp): the router's logits and the experts'
+    output, each against the fp32 model with the same adapters. Bound: our error <= 2 x PEFT's + one rounding of
+    the output (eps x max|ref|), and ours within 4 eps x max|ref| of PEFT. Merge -> unmerge brings W back within
+    one ulp of the larger of |W| and |W + dW| (one 16-bit rounding of the merged weight: what keeping no fp32 copy
+    of W allows, as PEFT; dW far above |W| can move a small W by more than ulp(W))."""
+    torch.manual_seed(0)
+    base = tiny_mixtral()
+    spec = pc.AdapterSpec(pc.LoRA(r=2, alpha=4), targets=["q_proj"], target_parameters=ALL_PARAMS)
+    m32 = copy.deepcopy(base)
+    _quiet(pc.adapt, m32, spec)
+    randomize_adapters_(m32, std=0.2)
+    low = copy.deepcopy(base).to(dtype)
+    m = copy.deepcopy(low)
+    _quiet(pc.adapt, m, spec)
+    randomize_adapters_(m, std=0.2)  # the same values: fp32 adapters, the same order
+    assert {p.dtype for p in m.parameters() if p.requires_grad} == {torch.float32}
+    pc.save_adapters(m32, tmp_path / "p", format="peft")
+    pm = _quiet(PeftModel.from_pretrained, copy.deepcopy(low), tmp_path / "p", autocast_adapter_dtype=True).eval()
+    assert {p.dtype for n, p in pm.named_parameters() if "lora_" in n} == {torch.float32}
+    eps = torch.finfo(dtype).eps
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 16, generator=g)
+    idx, weights = torch.randint(0, 4, (12, 2), generator=g), torch.rand(12, 2, generator=g)
+    inner = pm.base_model.model.model
+    for layer in (0, 1):
+        pairs = {"gate": lambda mod, x, w: mod(x)[0], "experts": lambda mod, x, w: mod(x, idx, w)}
+        for name, call in pairs.items():
+            with torch.no_grad():
+                ref = call(m32.model.layers[layer].mlp.get_submodule(name), x.to(dtype).float(), weights).double()
+                ours = call(m.model.layers[layer].mlp.get_submodule(name), x.to(dtype), weights.to(dtype))
+                theirs = call(inner.layers[layer].mlp.get_submodule(name), x.to(dtype), weights.to(dtype))
+                plain = call(low.model.layers[layer].mlp.get_submodule(name), x.to(dtype), weights.to(dtype))
+            assert ours.dtype == theirs.dtype
+            scale = ref.abs().max().item()
+            e_ours, e_peft = (ours.double() - ref).abs().max().item(), (theirs.double() - ref).abs().max().item()
+            assert (plain.double() - ref).abs().max().item() > 10 * e_ours  # the delta is visible at this precision
+            assert e_ours <= 2 * e_peft + eps * scale, (name, layer, e_ours, e_peft, eps * scale)
+            torch.testing.assert_close(ours.double(), theirs.double(), atol=4 * eps * scale, rtol=0)
+    sets = {c.site: c for _, _, c in site_adapters(m)}
+    keys = [f"model.layers.{i}.mlp.{k}" for i in (0, 1) for k in ("experts.gate_up_proj", "experts.down_proj",
+                                                                   "gate.weight")]
+    before = {k: m.get_parameter(k).detach().clone() for k in keys}
+    with torch.no_grad():
+        exact = {k: before[k].double() + sets[k]["default"].weight_delta().double() for k in keys}
+    pc.merge(m)
+    _quiet(pm.merge_adapter)
+    worst = {"ours": 0.0, "peft": 0.0}
+    for k in keys:
+        merged = m.get_parameter(k).detach().clone()
+        host, attr = k.rsplit(".", 1)
+        peft_host = pm.base_model.model.get_submodule(host)
+        while hasattr(peft_host, "base_layer"):
+            peft_host = peft_host.base_layer
+        ulp = _ulp(merged)
+        # ours: W + dW from fp32, rounded once (within one ulp of the exact merged weight); PEFT rounds dW to
+        # 16 bits before adding, which costs more where dW and W nearly cancel
+        worst["ours"] = max(worst["ours"], ((merged.double() - exact[k]).abs() / ulp).max().item())
+        worst["peft"] = max(worst["peft"], ((getattr(peft_host, attr).double() - exact[k]).abs() / ulp).max().item())
+        before[k] = (before[k], merged)
+    assert worst["ours"] <= 1.0 and worst["ours"] <= worst["peft"], worst
+    pc.unmerge(m)
+    for k, (w0, merged) in before.items():
+        w = m.get_parameter(k)
+        assert w.dtype == dtype
+        bound = torch.maximum(_ulp(w0), _ulp(merged))
+        assert ((w.double() - w0.double()).abs() <= bound).all(), k
+
+
+def test_exception_inside_the_experts_leaves_w_in_place():
+    """A bad input raising inside the experts' forward, or a later hook of the user's raising before it: the
+    always-called hook puts the original parameter object back (no W + dW left), and the next forward is right."""
+    _, m = _adapted("mixtral")
+    ids = _ids()
+    want = _logits(m, ids)
+    experts = m.model.layers[0].mlp.experts
+    w, values = experts.gate_up_proj, experts.gate_up_proj.detach().clone()
+    down = experts.down_proj
+    with pytest.raises(RuntimeError):
+        experts(torch.randn(3, 5), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))  # hidden 5, not 16
+    _unswapped(experts, w, values)
+    assert experts._parameters["down_proj"] is down
+
+    def refuse(mod, args):
+        assert type(mod.gate_up_proj) is torch.Tensor  # ours ran first: W + dW is in place
+        raise ValueError("a user's hook")
+
+    handle = experts.register_forward_pre_hook(refuse)
+    with pytest.raises(ValueError, match="user's hook"):
+        m(input_ids=ids)
+    handle.remove()
+    _unswapped(experts, w, values)
+    m.train()
+    with pytest.raises(RuntimeError):  # with autograd recording
+        experts(torch.randn(3, 5), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+    m.eval()
+    _unswapped(experts, w, values)
+    torch.testing.assert_close(_logits(m, ids), want, atol=0, rtol=0)
+
+
+def test_state_dict_save_and_deepcopy_see_the_original_weights(tmp_path):
+    """Outside a forward the active adapters leave no trace in W: ``state_dict`` / ``named_parameters`` give the
+    original parameters; ``torch.save`` of the model (and of its state_dict into a fresh adapted copy) and
+    ``copy.deepcopy`` give equal outputs, and a copy's hooks act on the copy's adapters, not the original's."""
+    base, m = _adapted("mixtral")
+    ids = _ids()
+    want = _logits(m, ids)
+    originals = dict(base.named_parameters())
+    params = dict(m.named_parameters())
+    sd = m.state_dict()
+    for k, w in originals.items():
+        assert type(params[k]) is nn.Parameter and not params[k].requires_grad, k
+        assert torch.equal(params[k], w) and torch.equal(sd[k], w), k
+        assert sd[k].data_ptr() == params[k].data_ptr(), k
+    torch.save(m, tmp_path / "m.pt")
+    torch.save(m.state_dict(), tmp_path / "sd.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(_logits(loaded, ids), want, atol=0, rtol=0)
+    fresh = copy.deepcopy(base)
+    _quiet(pc.adapt, fresh, pc.AdapterSpec(pc.LoRA(r=2, alpha=4), targets=["q_proj"], target_parameters=ALL_PARAMS))
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    torch.testing.assert_close(_logits(fresh, ids), want, atol=0, rtol=0)
+    twin = copy.deepcopy(m)
+    torch.testing.assert_close(_logits(twin, ids), want, atol=0, rtol=0)
+    for copied in (twin, loaded):
+        for h in copied.model.layers[0].mlp.experts._forward_pre_hooks.values():
+            assert any(h.__self__ is c for c in copied.model.layers[0].mlp.experts.children())
+        with torch.no_grad():
+            for n, p in copied.named_parameters():
+                if p.requires_grad and "experts" in n:
+                    p.zero_()
+        assert (_logits(copied, ids) - want).abs().max() > 1e-3
+    torch.testing.assert_close(_logits(m, ids), want, atol=0, rtol=0)
+    assert set(m.state_dict()) == set(sd)
+
+
+def _switch_frames(params, states, train: bool):
+    """Compile tiny Mixtral with adapters "a" and "b" (one config) and run ``states``; returns the frames
+    compiled and, per state, (compiled, eager) logits and gradients."""
+    torch.manual_seed(0)
+    m = tiny_mixtral()
+    for i, n in enumerate("ab"):
+        _quiet(pc.adapt, m, pc.AdapterSpec(pc.LoRA(r=2, alpha=4), targets=["q_proj"], target_parameters=params), n)
+        randomize_adapters_(m, std=0.2, seed=i)
+    m.train(train)
+    backend = CountingBackend()
+    compiled = torch.compile(m, backend=backend)
+    ids = _ids()
+    for state in states:
+        ctx = pc.disabled(m) if state == "disabled()" else contextlib.nullcontext()
+        if state != "disabled()":
+            pc.set_active(m, state)
+        with ctx:
+            ref = copy.deepcopy(m)
+            m.zero_grad()
+            out = compiled(input_ids=ids, labels=ids)
+            expected = ref(input_ids=ids, labels=ids)
+            torch.testing.assert_close(out.logits, expected.logits, atol=TOL, rtol=TOL, msg=lambda s: f"{state}: {s}")
+            if train:
+                out.loss.backward()
+                if expected.loss.requires_grad:
+                    expected.loss.backward()
+                ga, gb = param_grads(m), param_grads(ref)
+                for k in ga:
+                    torch.testing.assert_close(ga[k], gb[k], atol=TOL, rtol=TOL, msg=lambda s: f"{state} {k}: {s}")
+    return backend.frames
+
+
+STATES = ["a", "b", "disabled()", ["a", "b"], "a", "b", "disabled()", ["b", "a"], "a"]
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_two_adapters_and_switching_under_compile_recompile_no_more_than_linear_sites():
+    """Two adapters on one parameter site and ``set_active`` switching under torch.compile: compiled == eager
+    (training mode: outputs and every gradient), and the frames compiled equal those of the same model with the
+    linear sites only (one structure per running-adapter count: 1 adapter, then 2)."""
+    from torch._dynamo.utils import counters
+
+    frames = _switch_frames(ALL_PARAMS, STATES, train=True)
+    assert counters["peftcompile"]["skipped_lora"] > 0
+    torch._dynamo.reset()
+    assert frames == _switch_frames(None, STATES, train=True) == 2
