@@ -460,3 +460,26 @@ def test_generate_unmerged_through_backend_equals_eager_and_merged():
     with torch.no_grad():
         assert torch.equal(merged.generate(ids, max_new_tokens=5, do_sample=False), want)
     assert counters["peftcompile"]["fused_gralora"] == frames * 7  # merged: no adapter regions left
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("cfg", [pc.LoRA(r=4, alpha=8, dropout=0.1), *METHODS[1:]], ids=lambda c: c.name)
+def test_gradient_checkpointing_is_fused(cfg, reentrant):
+    """HF gradient checkpointing puts each layer in a higher-order op's body subgraph
+    (tag_activation_checkpoint): the regions there are fused too (they stayed unfused before:
+    no fused_* counted), with loss and every gradient equal to eager, dropout included (the
+    recomputation replays the RNG state)."""
+    m = _llama(cfg)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    m.train()
+    ref = copy.deepcopy(m)
+    ids = token_ids()
+    torch.manual_seed(1)
+    out = compile_fast(m)(input_ids=ids, labels=ids).loss
+    out.backward()
+    torch.manual_seed(1)
+    expected = ref(input_ids=ids, labels=ids).loss
+    expected.backward()
+    _assert_same(out, expected, m, ref)
+    assert counters["peftcompile"][f"fused_{cfg.name}"] == 14 and counted("skipped_") == 0

@@ -208,6 +208,8 @@ def _regions(graph: fx.Graph) -> list[Region]:
 def _param_name(n: Node) -> str | None:
     if n.op == "get_attr":
         return n.target.rpartition(".")[2]
+    if n.op == "placeholder" and SUBGRAPH_PARAM in n.meta:  # an input of a HOP body (see lower_adapters_)
+        return n.meta[SUBGRAPH_PARAM]
     if n.op == "placeholder":
         ga = n.meta.get("grapharg")
         src = getattr(getattr(ga, "source", None), "name", None)
@@ -514,13 +516,37 @@ def _count(ok: bool, plan_or_region, why: str = "") -> None:
                   tag.get("site"), tag.get("slot"), method, why)
 
 
+#: meta key on a HOP body's placeholder: the parameter name of the outer graph's operand it receives
+SUBGRAPH_PARAM = "peftcompile_param"
+
+
+def _lower_bodies_(gm: fx.GraphModule) -> None:
+    """Lower the bodies of higher-order ops (activation checkpointing's ``tag_activation_checkpoint``
+    wraps each checkpointed layer, adapters included, in a body subgraph): their placeholders are
+    the HOP's operands, so each learns the outer operand's parameter name first."""
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not n.args or not isinstance(n.args[0], Node) or n.args[0].op != "get_attr":
+            continue
+        body = getattr(gm, n.args[0].target, None)
+        if not isinstance(body, fx.GraphModule):
+            continue
+        placeholders = [p for p in body.graph.nodes if p.op == "placeholder"]
+        for p, operand in zip(placeholders, n.args[1:]):
+            name = _param_name(operand) if isinstance(operand, Node) else None
+            if name is not None:
+                p.meta[SUBGRAPH_PARAM] = name
+        lower_adapters_(body)
+
+
 def lower_adapters_(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace every fusable adapter region of ``gm`` by a fused op (in place); returns gm.
 
     Several active adapters of one method on one site become one op (their factors
     concatenated along the rank, see :attr:`Lowering.stack`; counted ``stacked_sites``);
-    where they cannot, the first is fused and the others stay reference math.
+    where they cannot, the first is fused and the others stay reference math. The bodies
+    of higher-order ops (gradient checkpointing) are lowered the same way.
     """
+    _lower_bodies_(gm)
     graph = gm.graph
     regions = _regions(graph)
     if not regions:
