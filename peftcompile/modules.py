@@ -422,6 +422,14 @@ class ParamAdapterSet(SiteAdapterSet):
                                f"per adapter with peftcompile.set_active")
         if not self._running:
             return
+        hook = getattr(host, "_hf_hook", None)  # accelerate's AlignDevicesHook, set by cpu_offload / device_map
+        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):
+            # its pre-forward (after ours) reloads W from the offload store over W + dW: the adapter
+            # would be dropped, or accelerate fails on the non-Parameter tensor
+            raise AdapterError(f"{self.site}: the module is offloaded by accelerate (cpu_offload / device_map with "
+                               f"offload), whose pre-forward reloads the weight over W + delta. Fix: keep this module "
+                               f"on its device (no offload), or merge the adapter (peftcompile.merge_and_unload) "
+                               f"before offloading")
         w = host._parameters[self.weight_attr]
         new = self.weight(w)
         if new is not w:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import peftcompile as pc
 from peftcompile.errors import AdapterTypeError, AdapterWarning
+from peftcompile.modules import ParamAdapterSet
 from peftcompile.state import site_adapters, state_of
 
 from conftest import CountingBackend, compile_fast, counted, ort_output, param_grads, randomize_adapters_
@@ -704,3 +705,20 @@ def test_two_adapters_and_switching_under_compile_recompile_no_more_than_linear_
     assert counters["peftcompile"]["skipped_lora"] > 0
     torch._dynamo.reset()
     assert frames == _switch_frames(None, STATES, train=True) == 2
+
+
+def test_accelerate_offloaded_parameter_site_is_refused_by_name():
+    """accelerate's offload hook reloads W over W + dW in its pre-forward (it failed with a TypeError
+    about the non-Parameter tensor): refused naming the site, W left as it was."""
+    pytest.importorskip("accelerate")
+    from accelerate import cpu_offload
+
+    _, m = _adapted("mixtral")
+    experts = m.model.layers[0].mlp.experts
+    cpu_offload(m, execution_device=torch.device("cpu"))
+    with pytest.raises(pc.AdapterError, match=r"mlp\.(gate\.weight|experts\.(gate_up|down)_proj): the module is offloaded by accelerate"):
+        with torch.no_grad():
+            m(input_ids=_ids())
+    # nothing swapped in is left behind: the parameter is accelerate's own again
+    assert all(type(p) is nn.Parameter for p in experts._parameters.values())
+    assert not any(isinstance(c, ParamAdapterSet) and "_held" in c.__dict__ for c in m.modules())
