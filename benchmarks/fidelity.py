@@ -624,6 +624,13 @@ def _plot_c(out: dict) -> None:
     _savefig(fig, HERE / "fidelity_C.png")
 
 
+def _t_cell(row: dict, key: str) -> str:
+    """The 't = ..., p = ... / t = ..., p = ...' cell (recall@1 / MRR) of a summary row, or ''."""
+    if f"{key}_mrr" not in row:
+        return ""
+    return " / ".join(f"t = {row[f'{key}_{m}'][0]:.2f}, p = {row[f'{key}_{m}'][1]:.3f}" for m in ("recall@1", "mrr"))
+
+
 def tables(res: dict) -> str:
     """Markdown tables of whatever parts ``res`` holds (what FIDELITY.md quotes)."""
     out = []
@@ -646,10 +653,7 @@ def tables(res: dict) -> str:
                 "|---|---|---|---|---|",
                 f"| zero-shot MiniLM | 0 | {z['recall@1']:.3f} | {z['mrr']:.3f} | |"]
         for name, row in b["summary"].items():
-            t = ""
-            if "t_vs_lora_mrr" in row:
-                t = (f"t = {row['t_vs_lora_recall@1'][0]:.2f}, p = {row['t_vs_lora_recall@1'][1]:.3f} / "
-                     f"t = {row['t_vs_lora_mrr'][0]:.2f}, p = {row['t_vs_lora_mrr'][1]:.3f}")
+            t = _t_cell(row, "t_vs_lora")
             out.append(f"| {name} | {row['adapter_params']:,} | {row['recall@1'][0]:.3f} ± {row['recall@1'][1]:.3f} | "
                        f"{row['mrr'][0]:.3f} ± {row['mrr'][1]:.3f} | {t} |")
         out.append(f"\n(seeds per arm: {sorted(n)}; mean ± std over seeds)\n")
@@ -682,10 +686,7 @@ def tables(res: dict) -> str:
                 "| arm | test recall@1 | test MRR | paired t, DiffoRA fresh vs this arm (R@1 / MRR) |", "|---|---|---|---|",
                 f"| zero-shot MiniLM | {z['recall@1']:.3f} | {z['mrr']:.3f} | |"]
         for arm, row in c["summary"].items():
-            t = ""
-            if "t_fresh_vs_this_mrr" in row:
-                t = (f"t = {row['t_fresh_vs_this_recall@1'][0]:.2f}, p = {row['t_fresh_vs_this_recall@1'][1]:.3f} / "
-                     f"t = {row['t_fresh_vs_this_mrr'][0]:.2f}, p = {row['t_fresh_vs_this_mrr'][1]:.3f}")
+            t = _t_cell(row, "t_fresh_vs_this")
             out.append(f"| {arm} | {row['recall@1'][0]:.3f} ± {row['recall@1'][1]:.3f} | "
                        f"{row['mrr'][0]:.3f} ± {row['mrr'][1]:.3f} | {t} |")
         out += ["", "| seed | DiffoRA fresh MRR | warm | all sites | random MRR (each placement) | "
